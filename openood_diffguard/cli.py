@@ -1,0 +1,33 @@
+"""Command line: ``openood-diffguard <command>``; each sub-command lives with the code it drives."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+# name -> (module, help). Each module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openood-diffguard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(_module=module)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = importlib.import_module(args._module).run
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

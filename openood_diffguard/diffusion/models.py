@@ -1,0 +1,216 @@
+"""Model adapters: every diffusion backbone is seen through one protocol
+
+    model.eps(x_t, t, y=None) -> eps          (and ``model.predict`` for the raw output + variance)
+
+with its ``schedule`` (prediction type included), ``num_classes`` and ``null_class`` (the label that
+means "unconditional" for classifier-free guidance). Latent models carry a ``codec`` that maps images
+in [-1, 1] to latents and back. Loading is from local paths only: nothing is fetched from a hub.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .schedule import NoiseSchedule
+
+
+class DiffusionModel(nn.Module):
+    """Base adapter. Subclasses implement ``_raw(x, t, y)`` returning the network output."""
+
+    def __init__(self, schedule: NoiseSchedule, num_classes: int | None = None, null_class: int | None = None,
+                 codec: Optional["LatentCodec"] = None, sample_size: int | None = None, in_channels: int | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.num_classes = num_classes
+        self.null_class = null_class
+        self.codec = codec
+        self.sample_size = sample_size
+        self.in_channels = in_channels
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def _labels(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.conditional:
+            return None
+        if y is None:
+            if self.null_class is None:
+                raise ValueError("this class-conditional model has no null class: pass labels")
+            return torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        y = y.to(device=x.device, dtype=torch.long)
+        allowed = self.num_classes + (self.null_class is not None and self.null_class >= self.num_classes)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= allowed):
+            raise ValueError(f"class labels must lie in [0, {allowed - 1}] for this model, got "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return y
+
+    def _raw(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, variance channels or None); models with learned sigma output 2C channels."""
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        y = self._labels(y, x_t)
+        if self.autocast_dtype is not None:
+            with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
+                out = self._raw(x_t, t, y)
+        else:
+            out = self._raw(x_t, t, y)
+        C = x_t.shape[1]
+        if out.shape[1] == 2 * C:
+            return out[:, :C], out[:, C:]
+        if out.shape[1] != C:
+            raise ValueError(f"model output has {out.shape[1]} channels for a {C}-channel input")
+        return out, None
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out, _ = self.predict(x_t, t, y)
+        if self.schedule.prediction_type == "epsilon":
+            return out if out.dtype == torch.float64 else out.float()
+        return self.schedule.split_prediction(out, x_t, torch.as_tensor(t).expand(x_t.shape[0]))[0]
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.eps(x_t, t, y)
+
+
+class UNetAdapter(DiffusionModel):
+    """diffusers ``UNet2DModel``; class-conditional when ``num_class_embeds`` is set.
+
+    Convention for self-trained class-conditional models (DiffNB, our ``train-diffusion``):
+    ``num_class_embeds = C + 1`` and the last row is the null class.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, null_class: int | None = None,
+                 autocast_dtype: torch.dtype | None = None, codec: Optional["LatentCodec"] = None) -> None:
+        cfg = unet.config
+        n_embeds = cfg.get("num_class_embeds") if hasattr(cfg, "get") else getattr(cfg, "num_class_embeds", None)
+        num_classes = None
+        if n_embeds:
+            null_class = n_embeds - 1 if null_class is None else null_class
+            num_classes = n_embeds - 1 if null_class == n_embeds - 1 else n_embeds
+        super().__init__(schedule, num_classes, null_class, codec=codec, sample_size=cfg.sample_size,
+                         in_channels=cfg.in_channels, autocast_dtype=autocast_dtype)
+        self.unet = unet
+
+    def _raw(self, x, t, y):
+        return self.unet(x, t, class_labels=y).sample
+
+
+class CrossAttnUNetAdapter(DiffusionModel):
+    """diffusers ``UNet2DConditionModel`` conditioned through a class-embedding table used as the
+    cross-attention context (LDM ``cin256-v2``: 1001 rows, row 1000 = null)."""
+
+    def __init__(self, unet: nn.Module, class_embedding: nn.Embedding, schedule: NoiseSchedule,
+                 null_class: int | None = None, codec: Optional["LatentCodec"] = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        rows = class_embedding.num_embeddings
+        super().__init__(schedule, rows - 1, rows - 1 if null_class is None else null_class, codec=codec,
+                         sample_size=unet.config.sample_size, in_channels=unet.config.in_channels,
+                         autocast_dtype=autocast_dtype)
+        self.unet, self.class_embedding = unet, class_embedding
+
+    def _raw(self, x, t, y):
+        ctx = self.class_embedding(y)[:, None, :]
+        return self.unet(x, t, encoder_hidden_states=ctx).sample
+
+
+class DiTAdapter(DiffusionModel):
+    """diffusers ``DiTTransformer2DModel`` (class-conditional, learned sigma; null class = ``num_embeds_ada_norm``)."""
+
+    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, codec: Optional["LatentCodec"] = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        n = transformer.config.num_embeds_ada_norm
+        super().__init__(schedule, n, n, codec=codec, sample_size=transformer.config.sample_size,
+                         in_channels=transformer.config.in_channels, autocast_dtype=autocast_dtype)
+        self.transformer = transformer
+
+    def _raw(self, x, t, y):
+        return self.transformer(x, timestep=t, class_labels=y).sample
+
+
+class FunctionAdapter(DiffusionModel):
+    """Wrap a plain callable ``f(x_t, t, y) -> prediction`` (analytic models, tests)."""
+
+    def __init__(self, fn, schedule: NoiseSchedule, num_classes: int | None = None, null_class: int | None = None) -> None:
+        super().__init__(schedule, num_classes, null_class)
+        self.fn = fn
+
+    def _raw(self, x, t, y):
+        return self.fn(x, t, y)
+
+
+class LatentCodec(nn.Module):
+    """Image [-1, 1] <-> latent for ``AutoencoderKL`` (mean of the posterior) and ``VQModel``
+    (pre-quantisation latents in; quantised on decode, as LDM does)."""
+
+    def __init__(self, vae: nn.Module, scaling_factor: float | None = None) -> None:
+        super().__init__()
+        self.vae = vae
+        sf = scaling_factor if scaling_factor is not None else getattr(vae.config, "scaling_factor", 1.0)
+        self.scaling_factor = float(sf)
+        self.is_vq = hasattr(vae, "quantize")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.vae.encode(x)
+        z = enc.latents if self.is_vq else enc.latent_dist.mean
+        return z * self.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z / self.scaling_factor
+        out = self.vae.decode(z, force_not_quantize=False) if self.is_vq else self.vae.decode(z)
+        return out.sample
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _require_dir(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{what} not found at {p}. Weights are never downloaded: put a local diffusers model directory "
+            f"there (config.json + diffusion_pytorch_model.safetensors), or convert an original checkpoint "
+            f"with `openood-diffguard convert`."
+        )
+    return p
+
+
+def load_unet(path: str | Path, schedule: NoiseSchedule | None = None, subfolder: str | None = None,
+              **adapter_kwargs) -> UNetAdapter:
+    """Load a local diffusers ``UNet2DModel`` directory (or a pipeline dir with ``unet/``) as an adapter."""
+    from diffusers import UNet2DModel
+
+    root = _require_dir(path, "diffusion UNet")
+    if subfolder is None and (root / "unet" / "config.json").is_file():
+        subfolder = "unet"
+    try:
+        unet = UNet2DModel.from_pretrained(root, subfolder=subfolder, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise RuntimeError(f"could not load a UNet2DModel from {root} (subfolder={subfolder}): {err}") from err
+    if schedule is None:
+        schedule = NoiseSchedule.from_pretrained(root)
+    return UNetAdapter(unet.eval(), schedule, **adapter_kwargs)
+
+
+def load_dit(path: str | Path, **adapter_kwargs) -> DiTAdapter:
+    """Load a local DiT pipeline directory (``transformer/``, ``vae/``, ``scheduler/``)."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    root = _require_dir(path, "DiT pipeline")
+    for sub in ("transformer", "vae"):
+        if not (root / sub / "config.json").is_file():
+            raise FileNotFoundError(f"{root / sub / 'config.json'} missing: expected a DiT pipeline directory "
+                                    "(e.g. a local copy of facebook/DiT-XL-2-256)")
+    transformer = DiTTransformer2DModel.from_pretrained(root, subfolder="transformer", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
+    schedule = NoiseSchedule.from_pretrained(root)
+    return DiTAdapter(transformer.eval(), schedule, codec=LatentCodec(vae.eval()), **adapter_kwargs)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
