@@ -1,0 +1,116 @@
+"""The detector contract every method implements (pytorch-ood-like: small fit/predict surface).
+
+A detector turns a batch of *classifier-normalised* images into raw per-sample statistics
+(``statistics``, the expensive part: diffusion, similarity) and then into a confidence
+(``confidence``, cheap: sign, which similarity, thresholds). Higher confidence = more in-distribution,
+as in OpenOOD. Keeping the two apart is what lets OpenOOD's APS sweeps and repeated passes re-use cached
+statistics (``cheap_params`` are excluded from the cache key).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+
+class Detector(ABC):
+    #: short name, also the OpenOOD postprocessor name
+    name: ClassVar[str] = ""
+    #: every parameter with its default; unknown keys are rejected
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    #: parameters that only change ``confidence`` (re-score cached statistics)
+    cheap_params: ClassVar[tuple[str, ...]] = ()
+    #: attributes holding heavy models: dropped when pickled, rebuilt lazily by ``setup``/``_ensure_models``
+    heavy_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.DEFAULTS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}; "
+                            f"allowed: {sorted(self.DEFAULTS)}")
+        self.params: dict[str, Any] = {**self.DEFAULTS, **params}
+        for k in self.heavy_attributes:
+            setattr(self, k, None)
+
+    # ------------------------------------------------------------------ parameters
+    def set_params(self, **params: Any) -> "Detector":
+        unknown = set(params) - set(self.DEFAULTS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}")
+        expensive = {k for k in params if k not in self.cheap_params and params[k] != self.params.get(k)}
+        self.params.update(params)
+        if expensive:
+            self._on_expensive_change(expensive)
+        return self
+
+    def _on_expensive_change(self, changed: set[str]) -> None:
+        """Hook: drop state derived from changed expensive parameters (default: nothing)."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Extra identity of the models in use (e.g. checkpoint hashes); part of the cache key."""
+        return {}
+
+    def cache_key(self) -> str:
+        """Hash of everything that determines ``statistics``: name, expensive params, model fingerprints."""
+        expensive = {k: v for k, v in sorted(self.params.items()) if k not in self.cheap_params}
+        blob = json.dumps({"name": self.name, "params": expensive, "models": self.fingerprint()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ scoring
+    def setup(self, net: torch.nn.Module, id_loaders: Mapping[str, Iterable] | None = None,
+              ood_loaders: Mapping[str, Iterable] | None = None) -> None:
+        """Load models / fit statistics on ID data. Called once; must be idempotent."""
+
+    @abstractmethod
+    def statistics(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Raw per-sample statistics (leading dim B) for a normalised batch; must include ``pred``."""
+
+    @abstractmethod
+    def confidence(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B] confidence from ``statistics`` output, higher = more ID. Uses cheap parameters only."""
+
+    def predict(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self.statistics(net, images, labels)
+        return stats["pred"], self.confidence(stats)
+
+    def statistics_loader(self, net: torch.nn.Module, loader: Iterable, progress: bool = True,
+                          device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Statistics over a loader yielding OpenOOD batch dicts (``data``, ``label``) or (x, y) tuples."""
+        chunks: dict[str, list[torch.Tensor]] = {}
+        labels: list[torch.Tensor] = []
+        device = device or next(net.parameters()).device
+        for batch in tqdm(loader, disable=not progress, desc=f"{self.name} scoring"):
+            x, y = (batch["data"], batch["label"]) if isinstance(batch, Mapping) else (batch[0], batch[1])
+            stats = self.statistics(net, x.to(device), None)
+            for k, v in stats.items():
+                chunks.setdefault(k, []).append(v.detach().cpu())
+            labels.append(torch.as_tensor(y).cpu())
+        out = {k: torch.cat(v) for k, v in chunks.items()}
+        out["label"] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+        return out
+
+    # ------------------------------------------------------------------ pickling (OpenOOD pickles postprocessors)
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for k in self.heavy_attributes:
+            state[k] = None
+        return state
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+def check_classifier_output(logits: torch.Tensor, num_classes: int | None) -> None:
+    """Clear errors for a classifier whose output does not match the detector's class count."""
+    if logits.ndim != 2:
+        raise ValueError(f"classifier must return logits [B, C], got shape {tuple(logits.shape)}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"classifier has {logits.shape[1]} classes but the diffusion model / config expects "
+                         f"{num_classes}; use the checkpoint and config of the same dataset")
+    if not torch.isfinite(logits).all():
+        raise ValueError("classifier returned NaN/inf logits")

@@ -1,0 +1,51 @@
+import pickle
+
+import pytest
+import torch
+
+from openood_diffguard.detectors.base import Detector, check_classifier_output
+
+
+class Toy(Detector):
+    name = "toy"
+    DEFAULTS = {"sign": 1.0, "steps": 10}
+    cheap_params = ("sign",)
+    heavy_attributes = ("model",)
+
+    def statistics(self, net, images, labels=None):
+        logits = net(images)
+        return {"pred": logits.argmax(1), "maxlogit": logits.max(1).values}
+
+    def confidence(self, stats):
+        return self.params["sign"] * stats["maxlogit"]
+
+
+def test_params_cache_key_and_pickle():
+    d = Toy(steps=5)
+    with pytest.raises(TypeError, match="unknown parameter"):
+        Toy(stepz=3)
+    k = d.cache_key()
+    assert d.set_params(sign=-1.0).cache_key() == k  # cheap parameter: same statistics
+    assert d.set_params(steps=6).cache_key() != k
+    d.model = torch.nn.Linear(3, 3)
+    clone = pickle.loads(pickle.dumps(d))
+    assert clone.model is None and clone.params == d.params
+
+
+def test_predict_and_loader():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    x = torch.randn(6, 3, 2, 2)
+    pred, conf = Toy().predict(net, x)
+    assert pred.shape == conf.shape == (6,)
+    loader = [{"data": x[:3], "label": torch.zeros(3)}, (x[3:], torch.ones(3))]
+    stats = Toy().statistics_loader(net, loader, progress=False)
+    torch.testing.assert_close(stats["maxlogit"], conf)
+    assert stats["label"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_classifier_output_checks():
+    with pytest.raises(ValueError, match="classes"):
+        check_classifier_output(torch.zeros(2, 5), 10)
+    with pytest.raises(ValueError, match="NaN"):
+        check_classifier_output(torch.full((2, 10), float("nan")), 10)
