@@ -9,8 +9,8 @@ The C ops (nms, roi_align, ...) stay unavailable, which this package never uses.
 """
 from __future__ import annotations
 
+import logging
 import sys
-import warnings
 
 _SCHEMAS = {
     "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -39,10 +39,6 @@ def ensure_torchvision() -> None:
             pass
     import torchvision  # noqa: F401,F811
 
-    warnings.warn(
-        "torchvision's C extension does not match this torch build (CPU torch with a CUDA torchvision "
-        "wheel?); its detection ops are unavailable, models/transforms work. Install matching "
-        "torch/torchvision builds to silence this.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+    logging.getLogger("openood_diffguard").info(
+        "torchvision's C extension does not match this torch build (CPU torch with a CUDA torchvision wheel?): "
+        "its detection ops are unavailable; models and transforms work.")

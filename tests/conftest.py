@@ -1,10 +1,7 @@
-import warnings
-
 import pytest
 import torch
 
-warnings.filterwarnings("ignore", message="torchvision's C extension", category=RuntimeWarning)
-import openood_diffguard  # noqa: E402,F401  (repairs torchvision before pytorch-ood / piq import it)
+import openood_diffguard  # noqa: F401  (imported first: repairs torchvision before pytorch-ood / piq import it)
 
 torch.set_num_threads(2)
 
