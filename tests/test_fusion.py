@@ -150,3 +150,14 @@ def test_torch_in_torch_out_and_bad_input():
         fusion({"baseline": test["baseline"], "knn": test["diffusion"]})
     with pytest.raises(RuntimeError, match="before fit"):
         ScoreFusion("cascade").route(test["baseline"])
+
+
+@pytest.mark.parametrize("rule", ["cascade", "logistic"])
+def test_pickle_roundtrip(rule):
+    """OpenOOD pickles postprocessors: a fitted fusion must survive it unchanged."""
+    import pickle
+
+    val, test, ood = complementary(9)
+    fusion = ScoreFusion(rule).fit(val, ood_val_scores=ood if rule == "logistic" else None)
+    again = pickle.loads(pickle.dumps(fusion))
+    np.testing.assert_array_equal(again(test), fusion(test))

@@ -156,3 +156,14 @@ def test_preset_schema_errors():
     empty["postprocessor"]["postprocessor_sweep"] = {}
     with pytest.raises(ValueError, match="empty postprocessor_sweep"):
         parse_fusion_config(empty)
+
+
+@pytest.mark.openood
+def test_metrics_match_openood_compute_all_metrics():
+    metrics = pytest.importorskip("openood.evaluators.metrics", reason="needs a real OpenOOD checkout")
+    rng = np.random.default_rng(3)
+    conf_id, conf_ood = np.round(rng.normal(1, 1, 500), 1), np.round(rng.normal(0, 1.5, 800), 1)  # with ties
+    label = np.r_[np.zeros(500, int), -np.ones(800, int)]
+    fpr, auroc, aupr_in, aupr_out, _ = metrics.compute_all_metrics(np.r_[conf_id, conf_ood], label, np.zeros_like(label))
+    m = _ood_metrics(conf_id, conf_ood)
+    assert [m["FPR@95_OpenOOD"], m["AUROC"], m["AUPR_IN"], m["AUPR_OUT"]] == pytest.approx([fpr, auroc, aupr_in, aupr_out])

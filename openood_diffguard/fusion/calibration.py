@@ -29,6 +29,15 @@ def check_finite(x: np.ndarray, name: str) -> None:
                          f"{int(np.flatnonzero(bad)[0])}); fix the detector or drop those samples")
 
 
+def fit_input(x: Any, name: str) -> np.ndarray:
+    """Checked 1-D finite ID scores with at least two samples."""
+    x = as_numpy(x, name)
+    check_finite(x, name)
+    if x.size < 2:
+        raise ValueError(f"{name}: need at least 2 ID scores to calibrate, got {x.size}")
+    return x
+
+
 class ECDF:
     """Smoothed empirical CDF of ID scores: ``F(s)`` ~ P_ID(score <= s), strictly increasing, in (0, 1).
 
@@ -45,10 +54,7 @@ class ECDF:
         self.scale = 1.0
 
     def fit(self, x: Any, name: str = "scores") -> "ECDF":
-        x = as_numpy(x, name)
-        check_finite(x, name)
-        if x.size < 2:
-            raise ValueError(f"{name}: need at least 2 ID scores to calibrate, got {x.size}")
+        x = fit_input(x, name)
         self.sorted = np.sort(x)
         n = x.size
         knots, counts = np.unique(self.sorted, return_counts=True)
@@ -116,10 +122,7 @@ class ZScore:
         self.std = 1.0
 
     def fit(self, x: Any, name: str = "scores") -> "ZScore":
-        x = as_numpy(x, name)
-        check_finite(x, name)
-        if x.size < 2:
-            raise ValueError(f"{name}: need at least 2 ID scores to calibrate, got {x.size}")
+        x = fit_input(x, name)
         self.mean = float(x.mean())
         std = float(x.std())
         self.std = std if std > 0 else 1.0

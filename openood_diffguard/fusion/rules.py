@@ -74,9 +74,14 @@ class WeightedRankSum(FusionRule):
     def validate(self, params):
         _check_weight(params)
 
+    @staticmethod
+    def term(calibrator, raw: np.ndarray) -> np.ndarray:
+        """Per-component term that is weighted and summed."""
+        return calibrator(raw)
+
     def combine(self, raw, fusion):
         weights = component_weights(fusion, float(self.params["w"]))
-        return sum(weights[c] * fusion.calibrators[c](raw[c]) for c in fusion.components)
+        return sum(weights[c] * self.term(fusion.calibrators[c], raw[c]) for c in fusion.components)
 
 
 class WeightedZScoreSum(WeightedRankSum):
@@ -122,18 +127,13 @@ class Cascade(FusionRule):
         return out
 
 
-class ProbabilityProduct(FusionRule):
+class ProbabilityProduct(WeightedRankSum):
     """(C) product of calibrated ID-probabilities ``F_b^w F_d^(1-w)`` (w = 0.5: plain product), as logs."""
     name = "product"
-    DEFAULTS = {"w": 0.5}
-    SWEEP = {"w": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 
-    def validate(self, params):
-        _check_weight(params)
-
-    def combine(self, raw, fusion):
-        weights = component_weights(fusion, float(self.params["w"]))
-        return sum(weights[c] * fusion.calibrators[c].log_prob(raw[c]) for c in fusion.components)
+    @staticmethod
+    def term(calibrator, raw):
+        return calibrator.log_prob(raw)  # exact where F underflows far below the ID range
 
 
 class MinProbability(FusionRule):
