@@ -38,7 +38,7 @@ def scenario(name: str, n: int, rng: np.random.Generator):
         if name == "diffusion-strong":
             return {"baseline": rng.normal(-0.5, 1, n), "diffusion": rng.normal(-3, 1, n)}
         z = rng.normal(0, 1, n)
-        return {"baseline": -1.5 + 0.8 * z + 0.6 * rng.normal(0, 1, n), "diffusion": -1.5 + 0.8 * z + 0.6 * rng.normal(0, 1, n)}
+        return {c: -1.5 + 0.8 * z + 0.6 * rng.normal(0, 1, n) for c in ("baseline", "diffusion")}
 
     return idd(), idd(), ood(), ood()
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fusion_synthetic.md"))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    lines = [f"# Fusion rules on synthetic scores\n",
+    lines = ["# Fusion rules on synthetic scores\n",
              f"Date {datetime.date.today()}, {platform.processor() or platform.machine()} CPU, n = {args.n} per set; "
              f"`python benchmarks/fusion_synthetic.py --n {args.n}`. AUROC / FPR@95 in %, FPR@95 OpenOOD convention "
              f"(ID flagged at 95 % OOD recall) and ID-positive (papers). `routed`: share of ID test sent to diffusion.\n"]

@@ -161,3 +161,21 @@ def test_pickle_roundtrip(rule):
     fusion = ScoreFusion(rule).fit(val, ood_val_scores=ood if rule == "logistic" else None)
     again = pickle.loads(pickle.dumps(fusion))
     np.testing.assert_array_equal(again(test), fusion(test))
+
+
+def test_cascade_fits_without_id_diffusion_scores():
+    """The band needs only baseline ID scores; the ranking is the same with or without ID diffusion scores."""
+    from scipy.stats import rankdata
+
+    val, test, ood = complementary(10)
+    full = ScoreFusion("cascade", alpha_out=0.05, alpha_in=0.1).fit(val)
+    base_only = ScoreFusion("cascade", alpha_out=0.05, alpha_in=0.1).fit({"baseline": val["baseline"]})
+    mask = full.route(val["baseline"])
+    band_only = ScoreFusion("cascade", alpha_out=0.05, alpha_in=0.1).fit(
+        {"baseline": val["baseline"], "diffusion": np.where(mask, val["diffusion"], np.nan)})
+    both = {c: np.r_[test[c], ood[c]] for c in test}
+    ranks = rankdata(full(both))
+    np.testing.assert_array_equal(rankdata(base_only(both)), ranks)
+    np.testing.assert_array_equal(rankdata(band_only(both)), ranks)
+    with pytest.raises(ValueError, match="ID fit needs 'baseline'"):
+        ScoreFusion("cascade").fit({"diffusion": val["diffusion"]})

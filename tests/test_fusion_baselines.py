@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from pytorch_ood.detector import KNN, EnergyBased, MaxLogit, ViM
+from pytorch_ood.detector import KNN, EnergyBased, MaxLogit
 
 from openood_diffguard.fusion import baselines as B
 from openood_diffguard.fusion.baselines import Baselines, check_vim_dim, vim_default_dim

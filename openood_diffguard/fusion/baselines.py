@@ -39,7 +39,7 @@ def _pytorch_ood():
     try:
         from pytorch_ood import detector
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("standalone baselines need pytorch-ood: pip install 'openood-diffguard[baselines]' (pytorch-ood>=0.4) "
+        raise ImportError("standalone baselines need pytorch-ood>=0.4: pip install 'openood-diffguard[baselines]' "
                           "(inside OpenOOD, OpenOOD's own postprocessors are used instead)") from err
     return detector
 

@@ -135,3 +135,18 @@ class ZScore:
 
     def state(self) -> tuple:
         return (self.mean, self.std)
+
+
+class Squash:
+    """Fixed strictly increasing map onto (0, 1), ``1/2 + arctan(s)/pi``: no fit.
+
+    Used for the cascade's diffusion score when no ID diffusion scores were computed: inside the band only
+    the order of the diffusion scores matters, so any strictly monotone map gives the same ranking.
+    """
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return 0.5 + np.arctan(x) / np.pi
+
+    def state(self) -> tuple:
+        return ("arctan",)
+

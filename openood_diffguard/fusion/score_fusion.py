@@ -4,6 +4,7 @@ Stable API (the OpenOOD ``diffguard_fusion`` postprocessor builds on it)::
 
     fusion = ScoreFusion("cascade", alpha_out=0.02, alpha_in=0.0)      # or rule="rank", w=0.5, ...
     fusion.fit({"baseline": b_id_val, "diffusion": d_id_val})           # ID data only
+    # cascade: fit({"baseline": b_id_val}) suffices (the band comes from the baseline alone)
     need = fusion.route(b_test)            # bool mask: compute the diffusion score only there (cascade)
     conf = fusion({"baseline": b_test, "diffusion": d_test})            # higher = ID
     fusion.last_routed_fraction                                          # share of samples that needed d
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .calibration import ECDF, ZScore, as_numpy, check_finite
+from .calibration import ECDF, Squash, ZScore, as_numpy, check_finite
 from .rules import RULES, Cascade, FusionRule
 
 
@@ -37,7 +38,7 @@ class ScoreFusion:
         self.rule: FusionRule = RULES[rule](**params)
         self.baseline, self.diffusion = baseline, diffusion
         self.components: tuple[str, ...] = ()
-        self.calibrators: dict[str, ECDF | ZScore] = {}
+        self.calibrators: dict[str, ECDF | ZScore | Squash] = {}
         self.fit_scores: dict[str, np.ndarray] = {}
         self.ood_val_scores: dict[str, np.ndarray] | None = None
         self.last_routed_fraction: float | None = None
@@ -76,10 +77,9 @@ class ScoreFusion:
                              f"scores (that would leak OOD statistics). Use rule='logistic' to fit on OOD-val.")
         if ood_val_scores is None and self.uses_ood_val:
             raise ValueError(f"fusion rule {self.rule_name!r} is fitted on ID-val vs OOD-val: pass ood_val_scores")
+        if isinstance(self.rule, Cascade):
+            return self._fit_cascade(id_scores)
         fit = self._check_scores(id_scores, "ID fit scores", new=True)
-        if isinstance(self.rule, Cascade) and set(fit) != {self.baseline, self.diffusion}:
-            raise ValueError(f"the cascade combines exactly a {self.baseline!r} and a {self.diffusion!r} score, "
-                             f"got {sorted(fit)}")
         if len(fit) < 2:
             raise ValueError(f"fusion needs at least two scores, got {sorted(fit)}")
         self.components = tuple(fit)
@@ -91,6 +91,29 @@ class ScoreFusion:
         if ood_val_scores is not None:
             ood = self._check_scores(ood_val_scores, "OOD-val scores")
             self.ood_val_scores = ood
+        self.rule.fit(self)
+        return self
+
+    def _fit_cascade(self, id_scores: Mapping[str, Any]) -> "ScoreFusion":
+        """The cascade needs only the baseline's ID scores: they set the band. ID diffusion scores are
+        optional and may be NaN where not computed (e.g. outside the band); they only choose the monotone
+        map of the diffusion score into (1, 2), which does not change the ranking."""
+        names = sorted(id_scores) if isinstance(id_scores, Mapping) else type(id_scores).__name__
+        if not isinstance(id_scores, Mapping) or self.baseline not in id_scores or \
+                not set(id_scores) <= {self.baseline, self.diffusion}:
+            raise ValueError(f"the cascade combines exactly a {self.baseline!r} and a {self.diffusion!r} score "
+                             f"(ID fit needs {self.baseline!r}), got {names}")
+        b = as_numpy(id_scores[self.baseline], f"ID fit scores {self.baseline!r}")
+        self.calibrators = {self.baseline: ECDF().fit(b, name=f"ID fit scores {self.baseline!r}")}
+        d = np.full_like(b, np.nan)
+        if self.diffusion in id_scores:
+            d = as_numpy(id_scores[self.diffusion], f"ID fit scores {self.diffusion!r}")
+            if d.shape != b.shape:
+                raise ValueError(f"ID fit scores: {self.diffusion!r} has {d.size} entries, {self.baseline!r} {b.size}")
+        known = d[np.isfinite(d)]
+        self.calibrators[self.diffusion] = ECDF().fit(known) if known.size >= 2 else Squash()
+        self.components = (self.baseline, self.diffusion)
+        self.fit_scores, self.ood_val_scores = {self.baseline: b, self.diffusion: d}, None
         self.rule.fit(self)
         return self
 
