@@ -120,10 +120,11 @@ def test_score_loader_shares_one_forward_and_routes():
     calls = []
 
     def diffusion_on_routed(xb, out):
-        need = torch.as_tensor(fusion.route(out["ebo"]))
-        calls.append(int(need.sum()))
-        conf = torch.full((len(xb),), float("nan"))
-        conf[need] = out["knn"][need]  # stand-in for the diffusion detector on xb[need]
+        def detector(x_routed, knn_routed):  # stand-in for the diffusion detector on the routed images
+            calls.append(len(x_routed))
+            return knn_routed
+
+        _, conf = fusion.fuse_batch(out["ebo"], detector, xb, out["knn"])
         return {"diff": conf}
 
     net.forwards = 0
@@ -132,4 +133,6 @@ def test_score_loader_shares_one_forward_and_routes():
     assert set(test) == {"pred", "label", "ebo", "knn", "diff"} and len(test["ebo"]) == 300
     np.testing.assert_array_equal(test["label"], y.numpy())
     assert sum(calls) == np.isfinite(test["diff"]).sum() == pytest.approx(0.7 * 300, abs=3)
+    routed = np.isfinite(test["diff"])
+    np.testing.assert_array_equal(test["diff"][routed], test["knn"][routed])
     assert np.isfinite(fusion({"ebo": test["ebo"], "diff": test["diff"]})).all()

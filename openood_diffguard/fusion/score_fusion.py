@@ -6,6 +6,7 @@ Stable API (the OpenOOD ``diffguard_fusion`` postprocessor builds on it)::
     fusion.fit({"baseline": b_id_val, "diffusion": d_id_val})           # ID data only
     # cascade: fit({"baseline": b_id_val}) suffices (the band comes from the baseline alone)
     need = fusion.route(b_test)            # bool mask: compute the diffusion score only there (cascade)
+    conf, d = fusion.fuse_batch(b_batch, lambda x: detector_conf(x), images)   # the same, per batch
     conf = fusion({"baseline": b_test, "diffusion": d_test})            # higher = ID
     fusion.last_routed_fraction                                          # share of samples that needed d
     ScoreFusion.sweep("cascade")           # {'alpha_out': [...], 'alpha_in': [...]} default APS grid
@@ -19,12 +20,21 @@ Diffusion scores outside the routed band may be NaN for the cascade (they are ne
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .calibration import ECDF, Squash, ZScore, as_numpy, check_finite
 from .rules import RULES, Cascade, FusionRule
+
+
+def torch_mask(mask: np.ndarray, like: Any) -> Any:
+    """A numpy bool mask as an index for ``like`` (a torch tensor on its device, or numpy)."""
+    if hasattr(like, "detach"):
+        import torch
+
+        return torch.as_tensor(mask, device=like.device)
+    return mask
 
 
 class ScoreFusion:
@@ -146,6 +156,26 @@ class ScoreFusion:
         mask = self.rule.needs_diffusion(b, self)
         self.last_routed_fraction = float(mask.mean()) if mask.size else 0.0
         return mask
+
+    def fuse_batch(self, baseline_scores: Any, diffusion_fn: Callable[..., Any], *inputs: Any) -> tuple[Any, Any]:
+        """Route one batch, run ``diffusion_fn(*[x[need] for x in inputs])`` on the routed samples only, fuse.
+
+        Returns ``(fused, diffusion)`` where ``diffusion`` is the full-length diffusion confidence with NaN
+        for samples that never reached the diffusion model (cache it as such). ``inputs`` are indexed with
+        the routing mask (numpy arrays or tensors, e.g. the image batch); nothing runs when no sample is routed.
+        """
+        need = self.route(baseline_scores)
+        b = as_numpy(baseline_scores, f"baseline scores {self.baseline!r}")
+        d = np.full_like(b, np.nan)
+        if need.any():
+            picked = [x[torch_mask(need, x)] for x in inputs]
+            d[need] = as_numpy(diffusion_fn(*picked), "diffusion_fn output")
+        fused = self({self.baseline: baseline_scores, self.diffusion: d})
+        if hasattr(fused, "detach"):
+            import torch
+
+            return fused, torch.as_tensor(d, device=fused.device)
+        return fused, d
 
     @property
     def expected_routed_fraction(self) -> float:
