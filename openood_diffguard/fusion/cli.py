@@ -126,7 +126,9 @@ def fuse_tables(aligned: dict[str, dict[str, np.ndarray]], components: list[str]
                 m, routed = _ood_metrics(id_test[name], ood[name]), None
             else:
                 continue  # a cascade-only diffusion score: not computed for every sample
-            rows.append({"dataset": split, "score": name, **m, "routed": routed})
+            # OOD-val rows are in-sample when the logistic rule or --sweep fitted on them
+            label = f"{split} (fit)" if split == "ood_val" and (fusion.uses_ood_val or sweep) else split
+            rows.append({"dataset": label, "score": name, **m, "routed": routed})
     for group in ("near", "far"):
         for name in [*components, "fused"]:
             sel = [r for r in rows if r["dataset"].startswith(group + "/") and r["score"] == name]
@@ -158,7 +160,7 @@ def format_table(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:  # bad inputs: one clear line, no traceback
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:  # bad inputs: one clear line, no traceback
         print(f"openood-diffguard fuse: error: {err}", file=sys.stderr)
         return 2
 
