@@ -121,7 +121,10 @@ def test_align_by_key_and_refuse_misaligned(tmp_path):
 def test_presets_parse_and_build(stem):
     assert (preset_dir() / f"{stem}.yml").is_file()
     cfg = load_fusion_preset(stem)
-    assert cfg.baseline == stem.split("_")[2] and cfg.fit_on == "val" and cfg.aps_mode
+    assert cfg.baseline == stem.split("_")[2] and cfg.detector == "diffguard" and cfg.aps_mode
+    assert cfg.detector_preset == ("diffguard_cifar10" if "cifar10" in stem else "diffguard_gdm_imagenet")
+    if (preset_dir() / f"{cfg.detector_preset}.yml").is_file():  # once the DiffGuard presets are merged
+        assert cfg.resolved_detector_args()["num_classes"] == (10 if "cifar10" in stem else 1000)
     fusion = cfg.build_fusion()
     for values in itertools.product(*cfg.sweep.values()):
         fusion.set_params(**dict(zip(cfg.sweep, values)))  # every sweep point is a valid parameter set
@@ -143,10 +146,13 @@ def test_preset_schema_errors():
             cfg["postprocessor"][section][key] = v
         return cfg
 
-    with pytest.raises(ValueError, match="fit_on"):
+    with pytest.raises(ValueError, match="unknown postprocessor_args"):
         parse_fusion_config(bad(postprocessor_args__fit_on="test"))
-    with pytest.raises(ValueError, match="alpha_out_list"):
-        parse_fusion_config(bad(postprocessor_sweep__alpha_out_list=[0.1]))
+    # a sweep key that is no rule parameter is left to the detector (its cheap parameters)
+    assert parse_fusion_config(bad(postprocessor_sweep__similarity_list=["dists"])).detector_sweep == {
+        "similarity": ["dists"]}
+    with pytest.raises(ValueError, match="non-empty list"):
+        parse_fusion_config(bad(postprocessor_sweep__w_list=[]))
     with pytest.raises(ValueError, match="not supported"):
         parse_fusion_config(bad(postprocessor_args__baseline="odin"))
     with pytest.raises(ValueError, match="unknown for 'ebo'"):
@@ -168,3 +174,17 @@ def test_metrics_match_openood_compute_all_metrics():
     expected = metrics.compute_all_metrics(np.r_[conf_id, conf_ood], label, np.zeros_like(label))[:4]
     m = _ood_metrics(conf_id, conf_ood)
     assert [m["FPR@95_OpenOOD"], m["AUROC"], m["AUPR_IN"], m["AUPR_OUT"]] == pytest.approx(expected)
+
+
+def test_detector_preset_resolution(tmp_path):
+    from openood_diffguard.fusion.presets import resolve_detector_args
+
+    (tmp_path / "diffguard_toy.yml").write_text(
+        "postprocessor:\n  name: diffguard\n  postprocessor_args:\n    cfg_scale: 3.0\n    num_steps: 50\n")
+    args = {"detector": "diffguard", "detector_preset": "diffguard_toy", "detector_args": {"num_steps": 10}}
+    assert resolve_detector_args(args, tmp_path) == {"cfg_scale": 3.0, "num_steps": 10}
+    assert resolve_detector_args({"detector": "diffguard", "detector_args": {"a": 1}}) == {"a": 1}
+    with pytest.raises(ValueError, match="configures 'diffguard', not detector 'diffnb'"):
+        resolve_detector_args({**args, "detector": "diffnb"}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="diffguard_nope"):
+        resolve_detector_args({**args, "detector_preset": "diffguard_nope"}, tmp_path)
