@@ -179,3 +179,16 @@ def test_cascade_fits_without_id_diffusion_scores():
     np.testing.assert_array_equal(rankdata(band_only(both)), ranks)
     with pytest.raises(ValueError, match="ID fit needs 'baseline'"):
         ScoreFusion("cascade").fit({"diffusion": val["diffusion"]})
+
+
+def test_three_components_weights():
+    """w weights the baseline, the rest share 1 - w equally: with w = 0 the baseline cannot matter."""
+    val, test, _ = complementary(11)
+    rng = np.random.default_rng(12)
+    val3 = {**val, "knn": rng.normal(size=N)}
+    test3 = {**test, "knn": rng.normal(size=N)}
+    fusion = ScoreFusion("rank", w=0.0).fit(val3)
+    shifted = {**test3, "baseline": test3["baseline"] + 10.0}
+    np.testing.assert_array_equal(fusion(test3), fusion(shifted))
+    expected = 0.5 * fusion.calibrators["diffusion"](test3["diffusion"]) + 0.5 * fusion.calibrators["knn"](test3["knn"])
+    np.testing.assert_allclose(fusion(test3), expected)
