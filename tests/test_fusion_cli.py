@@ -1,0 +1,190 @@
+"""``fuse`` CLI, score-file loaders (ours and OpenOOD's pickles) and the fusion presets."""
+import itertools
+import json
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from openood_diffguard.cli import main
+from openood_diffguard.fusion import ScoreFusion
+from openood_diffguard.fusion.cli import _ood_metrics
+from openood_diffguard.fusion.presets import load_fusion_preset, parse_fusion_config, preset_dir
+from openood_diffguard.fusion.scores_io import align, load_scores, save_scores_npz
+
+N = 600
+
+
+def synthetic(seed=0):
+    """Per split: (baseline conf, diffusion conf, label); half the OOD fools each detector."""
+    rng = np.random.default_rng(seed)
+    fool = rng.random(N) < 0.5
+
+    def ood(far):
+        return (np.where(fool, rng.normal(0, 1, N), rng.normal(-far, 1, N)),
+                np.where(fool, rng.normal(-far, 1, N), rng.normal(0, 1, N)), -np.ones(N, int))
+
+    def idd():
+        return rng.normal(0, 1, N), rng.normal(0, 1, N), rng.integers(0, 10, N)
+
+    return {"id_val": idd(), "id_test": idd(), "ood_val": ood(3), "near/cifar100": ood(3), "far/mnist": ood(5)}
+
+
+def write_pair(tmp_path, data):
+    save_scores_npz(tmp_path / "ebo.npz", {k: {"conf": v[0], "label": v[2]} for k, v in data.items()})
+    save_scores_npz(tmp_path / "diffguard.npz", {k: {"conf": v[1], "label": v[2]} for k, v in data.items()})
+    return tmp_path / "ebo.npz", tmp_path / "diffguard.npz"
+
+
+def test_metrics_known_answers_both_fpr_conventions():
+    conf_id, conf_ood = np.arange(100.0), np.arange(200.0) - 150.5  # OOD in [-150.5, 48.5], no ties
+    m = _ood_metrics(conf_id, conf_ood)
+    assert m["FPR@95_IDpos"] == pytest.approx(44 / 200)     # ID accepted at >= 5 lets OOD 5.5..48.5 through
+    assert m["FPR@95_OpenOOD"] == pytest.approx(39 / 100)   # 95 % of OOD (<= 38.5) caught flags ID 0..38
+    assert m["AUROC"] == pytest.approx(roc_auc_score(np.r_[np.ones(100), np.zeros(200)], np.r_[conf_id, conf_ood]))
+    perfect = _ood_metrics(np.arange(10.0), np.arange(10.0) - 20)
+    assert [perfect[k] for k in ("AUROC", "AUPR_IN", "AUPR_OUT", "FPR@95_OpenOOD")] == pytest.approx([1, 1, 1, 0])
+
+
+def test_fuse_cli_on_npz(tmp_path, capsys):
+    data = synthetic()
+    a, b = write_pair(tmp_path, data)
+    out_json = tmp_path / "m.json"
+    assert main(["fuse", "--scores", str(a), str(b), "--rule", "cascade", "--param", "alpha_out=0.02",
+                 "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "FPR@95_OpenOOD" in text and "FPR@95_IDpos" in text and "cascade routed" in text
+    rows = {(r["dataset"], r["score"]): r for r in json.loads(out_json.read_text())["rows"]}
+    # independent recomputation of the fused row
+    fusion = ScoreFusion("cascade", baseline="ebo", diffusion="diffguard", alpha_out=0.02)
+    fusion.fit({"ebo": data["id_val"][0], "diffguard": data["id_val"][1]})
+    fid = fusion({"ebo": data["id_test"][0], "diffguard": data["id_test"][1]})
+    food = fusion({"ebo": data["near/cifar100"][0], "diffguard": data["near/cifar100"][1]})
+    assert rows[("near/cifar100", "fused")]["AUROC"] == pytest.approx(
+        roc_auc_score(np.r_[np.ones(N), np.zeros(N)], np.r_[fid, food]))
+    for ds in ("near/cifar100", "far/mnist", "nearood", "farood"):
+        assert rows[(ds, "fused")]["AUROC"] > max(rows[(ds, "ebo")]["AUROC"], rows[(ds, "diffguard")]["AUROC"])
+    assert rows[("nearood", "fused")]["AUROC"] == rows[("near/cifar100", "fused")]["AUROC"]  # one-set group mean
+    # --sweep (APS on ID-val vs OOD-val) reports that it used OOD-val
+    assert main(["fuse", "--scores", str(a), str(b), "--rule", "rank", "--sweep", "--json", str(out_json)]) == 0
+    res = json.loads(out_json.read_text())
+    assert res["uses_ood_val"] and res["params"]["w"] in ScoreFusion.sweep("rank")["w"]
+
+
+def openood_pickle(path, data):
+    """The structure of OpenOOD's evaluator.scores as scripts/eval_ood.py pickles it (val never filled)."""
+    leaf = lambda s: [np.zeros(N, int), data[s][0], data[s][2]]  # noqa: E731  [pred, conf, gt]
+    scores = {"id": {"train": None, "val": None, "test": leaf("id_test")}, "csid": {"cifar10c": None},
+              "ood": {"val": None, "near": {"cifar100": leaf("near/cifar100"), "tin": None},
+                      "far": {"mnist": leaf("far/mnist")}},
+              "id_preds": None, "id_labels": None, "csid_preds": {"cifar10c": None}, "csid_labels": {"cifar10c": None}}
+    with open(path, "wb") as f:
+        pickle.dump(scores, f)
+
+
+def test_openood_pickle_loader_and_fit_on_id_test_half(tmp_path, capsys):
+    data = synthetic(1)
+    openood_pickle(tmp_path / "ebo.pkl", data)
+    loaded = load_scores(tmp_path / "ebo.pkl")
+    assert set(loaded) == {"id_test", "near/cifar100", "far/mnist"}
+    np.testing.assert_array_equal(loaded["near/cifar100"]["conf"], data["near/cifar100"][0])
+    assert (loaded["far/mnist"]["label"] == -1).all()
+    _, b = write_pair(tmp_path, data)
+    # OpenOOD pickles hold no ID-val: a clear error, then the documented fallback works
+    assert main(["fuse", "--scores", str(tmp_path / "ebo.pkl"), str(b)]) == 2
+    assert "id_test_half" in capsys.readouterr().err
+    assert main(["fuse", "--scores", str(tmp_path / "ebo.pkl"), str(b), "--fit-on", "id_test_half"]) == 0
+    assert "far/mnist" in capsys.readouterr().out
+
+
+def test_align_by_key_and_refuse_misaligned(tmp_path):
+    rng = np.random.default_rng(2)
+    conf, label, key = rng.normal(size=50), rng.integers(0, 5, 50), np.array([f"img{i}.png" for i in range(50)])
+    perm = rng.permutation(50)
+    save_scores_npz(tmp_path / "a.npz", {"id_test": {"conf": conf, "label": label, "key": key}})
+    save_scores_npz(tmp_path / "b.npz", {"id_test": {"conf": 2 * conf[perm], "label": label[perm], "key": key[perm]}})
+    got = align({"a": load_scores(tmp_path / "a.npz"), "b": load_scores(tmp_path / "b.npz")})["id_test"]
+    np.testing.assert_array_equal(got["b"], 2 * got["a"])
+    # without keys a shuffled run cannot be fused: labels disagree position by position
+    save_scores_npz(tmp_path / "c.npz", {"id_test": {"conf": conf[perm], "label": label[perm]}})
+    save_scores_npz(tmp_path / "d.npz", {"id_test": {"conf": conf, "label": label}})
+    with pytest.raises(ValueError, match="not aligned"):
+        align({"c": load_scores(tmp_path / "c.npz"), "d": load_scores(tmp_path / "d.npz")})
+    np.savez(tmp_path / "bad.npz", conf=conf)
+    with pytest.raises(ValueError, match="missing key"):
+        load_scores(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("stem", ["fusion_diffguard_ebo_cifar10", "fusion_diffguard_knn_imagenet",
+                                  "fusion_diffguard_vim_imagenet", "fusion_diffguard_mls_imagenet"])
+def test_presets_parse_and_build(stem):
+    assert (preset_dir() / f"{stem}.yml").is_file()
+    cfg = load_fusion_preset(stem)
+    assert cfg.baseline == stem.split("_")[2] and cfg.detector == "diffguard" and cfg.aps_mode
+    assert cfg.detector_preset == ("diffguard_cifar10" if "cifar10" in stem else "diffguard_gdm_imagenet")
+    if (preset_dir() / f"{cfg.detector_preset}.yml").is_file():  # once the DiffGuard presets are merged
+        assert cfg.resolved_detector_args()["num_classes"] == (10 if "cifar10" in stem else 1000)
+    fusion = cfg.build_fusion()
+    for values in itertools.product(*cfg.sweep.values()):
+        fusion.set_params(**dict(zip(cfg.sweep, values)))  # every sweep point is a valid parameter set
+    if cfg.baseline == "vim":
+        assert cfg.baseline_args["dim"] < 2048
+
+
+def test_preset_schema_errors():
+    good = {"postprocessor": {"name": "diffguard_fusion", "APS_mode": True,
+                              "postprocessor_args": {"detector": "diffguard_cifar10", "baseline": "ebo",
+                                                     "rule": "rank", "rule_args": {"w": 0.5}},
+                              "postprocessor_sweep": {"w_list": [0.3, 0.5]}}}
+    assert parse_fusion_config(good).sweep == {"w": [0.3, 0.5]}
+
+    def bad(**change):
+        cfg = json.loads(json.dumps(good))
+        for k, v in change.items():
+            section, key = k.split("__")
+            cfg["postprocessor"][section][key] = v
+        return cfg
+
+    with pytest.raises(ValueError, match="unknown postprocessor_args"):
+        parse_fusion_config(bad(postprocessor_args__fit_on="test"))
+    # a sweep key that is no rule parameter is left to the detector (its cheap parameters)
+    assert parse_fusion_config(bad(postprocessor_sweep__similarity_list=["dists"])).detector_sweep == {
+        "similarity": ["dists"]}
+    with pytest.raises(ValueError, match="non-empty list"):
+        parse_fusion_config(bad(postprocessor_sweep__w_list=[]))
+    with pytest.raises(ValueError, match="not supported"):
+        parse_fusion_config(bad(postprocessor_args__baseline="odin"))
+    with pytest.raises(ValueError, match="unknown for 'ebo'"):
+        parse_fusion_config(bad(postprocessor_args__baseline_args={"K": 5}))
+    with pytest.raises(ValueError, match="w must be"):
+        parse_fusion_config(bad(postprocessor_args__rule_args={"w": 2.0}))
+    empty = json.loads(json.dumps(good))
+    empty["postprocessor"]["postprocessor_sweep"] = {}
+    with pytest.raises(ValueError, match="empty postprocessor_sweep"):
+        parse_fusion_config(empty)
+
+
+@pytest.mark.openood
+def test_metrics_match_openood_compute_all_metrics():
+    metrics = pytest.importorskip("openood.evaluators.metrics", reason="needs a real OpenOOD checkout")
+    rng = np.random.default_rng(3)
+    conf_id, conf_ood = np.round(rng.normal(1, 1, 500), 1), np.round(rng.normal(0, 1.5, 800), 1)  # with ties
+    label = np.r_[np.zeros(500, int), -np.ones(800, int)]
+    expected = metrics.compute_all_metrics(np.r_[conf_id, conf_ood], label, np.zeros_like(label))[:4]
+    m = _ood_metrics(conf_id, conf_ood)
+    assert [m["FPR@95_OpenOOD"], m["AUROC"], m["AUPR_IN"], m["AUPR_OUT"]] == pytest.approx(expected)
+
+
+def test_detector_preset_resolution(tmp_path):
+    from openood_diffguard.fusion.presets import resolve_detector_args
+
+    (tmp_path / "diffguard_toy.yml").write_text(
+        "postprocessor:\n  name: diffguard\n  postprocessor_args:\n    cfg_scale: 3.0\n    num_steps: 50\n")
+    args = {"detector": "diffguard", "detector_preset": "diffguard_toy", "detector_args": {"num_steps": 10}}
+    assert resolve_detector_args(args, tmp_path) == {"cfg_scale": 3.0, "num_steps": 10}
+    assert resolve_detector_args({"detector": "diffguard", "detector_args": {"a": 1}}) == {"a": 1}
+    with pytest.raises(ValueError, match="configures 'diffguard', not detector 'diffnb'"):
+        resolve_detector_args({**args, "detector": "diffnb"}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="diffguard_nope"):
+        resolve_detector_args({**args, "detector_preset": "diffguard_nope"}, tmp_path)
