@@ -84,15 +84,19 @@ class UNetAdapter(DiffusionModel):
     """diffusers ``UNet2DModel``; class-conditional when ``num_class_embeds`` is set.
 
     Convention for self-trained class-conditional models (DiffNB, our ``train-diffusion``):
-    ``num_class_embeds = C + 1`` and the last row is the null class.
+    ``num_class_embeds = C + 1`` and the last row is the null class. ``has_null_class=False`` is for
+    tables without one (class-conditional ADM: 1000 rows, all real classes).
     """
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, null_class: int | None = None,
-                 autocast_dtype: torch.dtype | None = None, codec: Optional["LatentCodec"] = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, codec: Optional["LatentCodec"] = None,
+                 has_null_class: bool = True) -> None:
         cfg = unet.config
         n_embeds = cfg.get("num_class_embeds") if hasattr(cfg, "get") else getattr(cfg, "num_class_embeds", None)
         num_classes = None
-        if n_embeds:
+        if n_embeds and not has_null_class:
+            num_classes, null_class = n_embeds, None
+        elif n_embeds:
             null_class = n_embeds - 1 if null_class is None else null_class
             num_classes = n_embeds - 1 if null_class == n_embeds - 1 else n_embeds
         super().__init__(schedule, num_classes, null_class, codec=codec, sample_size=cfg.sample_size,
@@ -169,6 +173,15 @@ class LatentCodec(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- loading
+#: written by ``openood-diffguard convert`` next to the diffusers sub-folders: adapter settings that
+#: diffusers configs cannot express (e.g. whether the class table has a null row).
+CONVERSION_SIDECAR = "openood_diffguard.json"
+
+
+def read_conversion_info(root: str | Path) -> dict:
+    p = Path(root) / CONVERSION_SIDECAR
+    return json.loads(p.read_text()) if p.is_file() else {}
+
 def _require_dir(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -194,6 +207,9 @@ def load_unet(path: str | Path, schedule: NoiseSchedule | None = None, subfolder
         raise RuntimeError(f"could not load a UNet2DModel from {root} (subfolder={subfolder}): {err}") from err
     if schedule is None:
         schedule = NoiseSchedule.from_pretrained(root)
+    info = read_conversion_info(root)
+    if info.get("num_classes") and info.get("null_class") is None:
+        adapter_kwargs.setdefault("has_null_class", False)
     return UNetAdapter(unet.eval(), schedule, **adapter_kwargs)
 
 
