@@ -14,8 +14,8 @@ from pathlib import Path
 import openood_diffguard  # noqa: F401  (repairs torchvision before anything imports it)
 import torch
 
-from openood_diffguard.convert import adm, diffnb
-from openood_diffguard.diffusion import load_unet
+from openood_diffguard.convert import adm, diffnb, ldm
+from openood_diffguard.diffusion import NoiseSchedule, load_ldm, load_unet
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,9 +45,16 @@ def check(path: Path, tmp: Path) -> list[str]:
             sched = adm.flags_for(src, noise_schedule=kind)
             d = tmp / f"sched_{kind}"
             adm.write_scheduler(d, *adm._SCHEDULES[kind])
-            from openood_diffguard.diffusion import NoiseSchedule
             ours = NoiseSchedule.from_pretrained(d).alphas_cumprod
             rows.append(f"| {name} | alpha_bar ({kind}) | {rel(ours, torch.cumprod(1 - betas, 0)):.2e} |")
+    elif name.startswith("ldm"):
+        model = load_ldm(ldm.convert(src, tmp / name, ldm.LDMFlags(**fx["flags"])))
+        with torch.no_grad():
+            z = model.codec.encode(fx["img"])
+            rows.append(f"| {name} | VQ encode (scaled latent) | {rel(z, fx['z']):.2e} |")
+            rows.append(f"| {name} | VQ decode (quantised) | {rel(model.codec.decode(fx['z']), fx['dec']):.2e} |")
+        ours = NoiseSchedule.from_pretrained(tmp / name).alphas_cumprod
+        rows.append(f"| {name} | alpha_bar (scaled_linear) | {rel(ours, fx['state_dict']['alphas_cumprod'].double()):.2e} |")
     else:
         model = load_unet(diffnb.convert(src, tmp / name, diffnb.DiffNBFlags.from_original(fx["flags"])))
     with torch.no_grad():

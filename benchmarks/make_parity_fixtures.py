@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--guided-diffusion", type=Path)
     ap.add_argument("--latent-diffusion", type=Path)
     ap.add_argument("--diffood", type=Path)
+    ap.add_argument("--taming", type=Path, help="CompVis/taming-transformers checkout (VectorQuantizer2)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -87,11 +88,59 @@ def main() -> None:
     if args.diffood:
         diffnb_fixtures(args.diffood, args.out)
     if args.latent_diffusion:
-        ldm_fixtures(args.latent_diffusion, args.out)
+        ldm_fixtures(args.latent_diffusion, args.out, args.taming)
 
 
-def ldm_fixtures(repo: Path, out: Path) -> None:
-    raise NotImplementedError
+def _stub_modules(names: dict) -> None:
+    """Modules the original LDM files import but the parity path never uses (clip, kornia, lightning)."""
+    import types
+
+    for name, attrs in names.items():
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules.setdefault(name, mod)
+
+
+def ldm_fixtures(repo: Path, out: Path, taming: Path | None) -> None:
+    sys.path.insert(0, str(repo))
+    if taming is not None:
+        sys.path.insert(0, str(taming))
+    _stub_modules({"pytorch_lightning": {"LightningModule": torch.nn.Module}, "clip": {}, "kornia": {},
+                   "ldm.modules.x_transformer": {"Encoder": object, "TransformerWrapper": object}})
+    from ldm.models.autoencoder import VQModelInterface
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm.modules.diffusionmodules.util import make_beta_schedule
+    from ldm.modules.encoders.modules import ClassEmbedder
+
+    # cin256-v2 structure reduced: spatial transformers at ds 2 and 4, one head per level, class context
+    unet_kw = dict(image_size=16, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[4, 2],
+                   num_res_blocks=2, channel_mult=[1, 2, 3], num_heads=1, use_spatial_transformer=True,
+                   transformer_depth=1, context_dim=16)
+    vq_kw = dict(embed_dim=3, n_embed=64, ddconfig=dict(double_z=False, z_channels=3, resolution=64, in_channels=3,
+                 out_ch=3, ch=32, ch_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0),
+                 lossconfig={"target": "torch.nn.Identity"})
+    torch.manual_seed(0)
+    unet = _perturb(UNetModel(**unet_kw), 0)
+    vq = _perturb(VQModelInterface(**vq_kw), 1)
+    embedder = _perturb(ClassEmbedder(embed_dim=16, n_classes=11, key="class_label"), 2)
+    scale_factor = 0.7  # cin256-v2 has none (1.0); a non-trivial value tests the latent scaling
+    betas = torch.from_numpy(make_beta_schedule("linear", 1000, linear_start=0.0015, linear_end=0.0195))
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([1, 961])
+    y = torch.tensor([4, 10])  # 10 = null row
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        eps = unet(x, t, context=embedder({"class_label": y}))  # DiffusionWrapper, conditioning_key crossattn
+        z = scale_factor * vq.encode(img)                       # LatentDiffusion.get_first_stage_encoding
+        dec = vq.decode(z / scale_factor)                       # decode_first_stage: quantise, then decode
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in vq.state_dict().items()})
+    sd.update({f"cond_stage_model.{k}": v for k, v in embedder.state_dict().items()})
+    sd.update(betas=betas.float(), alphas_cumprod=torch.cumprod(1 - betas, 0).float(), scale_factor=torch.tensor(scale_factor))
+    flags = dict(image_size=16, model_channels=32, attention_resolutions=(4, 2), num_res_blocks=2, channel_mult=(1, 2, 3),
+                 num_heads=1, context_dim=16, n_classes=11, vq_n_embed=64, vq_ch=32, vq_resolution=64)
+    torch.save(dict(state_dict=sd, flags=flags, x=x, t=t, y=y, out=eps, img=img, z=z, dec=dec), out / "ldm_cin_reduced.pt")
+    print("ldm_cin_reduced", sum(v.numel() for v in sd.values()), "tensors' elements", tuple(eps.shape), tuple(dec.shape))
 
 
 if __name__ == "__main__":

@@ -32,28 +32,31 @@ def map_attn(m: KeyMapper, src: str, dst: str) -> None:
         m.copy(f"{src}.{a}", f"{dst}.{b}", squeeze=True)
 
 
-def map_levels(m: KeyMapper, levels: int, num_res_blocks: int, attn_levels: set[int], src: str = "",
-               dst: str = "", down: str = "down_blocks", up: str = "up_blocks", resample: bool = True) -> None:
-    """The ``down.{l}`` / ``mid`` / ``up.{l}`` layout; diffusers up blocks run from the lowest resolution."""
+def map_down(m: KeyMapper, levels: int, num_res_blocks: int, attn_levels: set[int], src: str = "", dst: str = "") -> None:
     for lvl in range(levels):
         for j in range(num_res_blocks):
-            map_resnet(m, f"{src}down.{lvl}.block.{j}", f"{dst}{down}.{lvl}.resnets.{j}")
+            map_resnet(m, f"{src}down.{lvl}.block.{j}", f"{dst}down_blocks.{lvl}.resnets.{j}")
             if lvl in attn_levels:
-                map_attn(m, f"{src}down.{lvl}.attn.{j}", f"{dst}{down}.{lvl}.attentions.{j}")
-        if lvl != levels - 1 and resample:
-            m.copy(f"{src}down.{lvl}.downsample.conv", f"{dst}{down}.{lvl}.downsamplers.0.conv")
+                map_attn(m, f"{src}down.{lvl}.attn.{j}", f"{dst}down_blocks.{lvl}.attentions.{j}")
+        if lvl != levels - 1:
+            m.copy(f"{src}down.{lvl}.downsample.conv", f"{dst}down_blocks.{lvl}.downsamplers.0.conv")
+
+
+def map_mid(m: KeyMapper, src: str = "", dst: str = "") -> None:
     map_resnet(m, f"{src}mid.block_1", f"{dst}mid_block.resnets.0")
     map_attn(m, f"{src}mid.attn_1", f"{dst}mid_block.attentions.0")
     map_resnet(m, f"{src}mid.block_2", f"{dst}mid_block.resnets.1")
-    if up is None:
-        return
+
+
+def map_up(m: KeyMapper, levels: int, num_res_blocks: int, attn_levels: set[int], src: str = "", dst: str = "") -> None:
+    """``up.{l}`` is indexed by level; diffusers up blocks run from the lowest resolution."""
     for i_up, lvl in enumerate(reversed(range(levels))):
         for j in range(num_res_blocks + 1):
-            map_resnet(m, f"{src}up.{lvl}.block.{j}", f"{dst}{up}.{i_up}.resnets.{j}")
+            map_resnet(m, f"{src}up.{lvl}.block.{j}", f"{dst}up_blocks.{i_up}.resnets.{j}")
             if lvl in attn_levels:
-                map_attn(m, f"{src}up.{lvl}.attn.{j}", f"{dst}{up}.{i_up}.attentions.{j}")
-        if lvl != 0 and resample:
-            m.copy(f"{src}up.{lvl}.upsample.conv", f"{dst}{up}.{i_up}.upsamplers.0.conv")
+                map_attn(m, f"{src}up.{lvl}.attn.{j}", f"{dst}up_blocks.{i_up}.attentions.{j}")
+        if lvl != 0:
+            m.copy(f"{src}up.{lvl}.upsample.conv", f"{dst}up_blocks.{i_up}.upsamplers.0.conv")
 
 
 @dataclass
@@ -104,7 +107,10 @@ def convert_state_dict(sd: dict, flags: DiffNBFlags):
     m.copy("temb.dense.0", "time_embedding.linear_1")
     m.copy("temb.dense.1", "time_embedding.linear_2")
     m.copy("conv_in", "conv_in")
-    map_levels(m, len(flags.ch_mult), flags.num_res_blocks, _attn_levels(flags))
+    levels, attn = len(flags.ch_mult), _attn_levels(flags)
+    map_down(m, levels, flags.num_res_blocks, attn)
+    map_mid(m)
+    map_up(m, levels, flags.num_res_blocks, attn)
     m.copy("norm_out", "conv_norm_out")
     m.copy("conv_out", "conv_out")
     if flags.num_classes:

@@ -228,5 +228,25 @@ def load_dit(path: str | Path, **adapter_kwargs) -> DiTAdapter:
     return DiTAdapter(transformer.eval(), schedule, codec=LatentCodec(vae.eval()), **adapter_kwargs)
 
 
+def load_ldm(path: str | Path, **adapter_kwargs) -> CrossAttnUNetAdapter:
+    """Load a directory written by ``openood-diffguard convert ldm`` (``unet/``, ``vqvae/``,
+    ``class_embedding.safetensors``, ``scheduler/``): class-conditional LDM with a VQ latent codec."""
+    from diffusers import UNet2DConditionModel, VQModel
+    from safetensors.torch import load_file
+
+    root = _require_dir(path, "LDM model directory")
+    needed = [root / "unet" / "config.json", root / "vqvae" / "config.json", root / "class_embedding.safetensors"]
+    for p in needed:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} missing: expected a directory made by `openood-diffguard convert ldm "
+                                    "--src model.ckpt --out DIR` (LDM cin256-v2)")
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
+    vq = VQModel.from_pretrained(root, subfolder="vqvae", local_files_only=True)
+    table = load_file(str(root / "class_embedding.safetensors"))["weight"]
+    class_embedding = nn.Embedding.from_pretrained(table, freeze=True)
+    return CrossAttnUNetAdapter(unet.eval(), class_embedding, NoiseSchedule.from_pretrained(root),
+                                codec=LatentCodec(vq.eval()), **adapter_kwargs)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
