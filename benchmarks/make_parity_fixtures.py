@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+EXACT = False
+
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -39,12 +41,16 @@ def adm_fixtures(repo: Path, out: Path) -> None:
                                          class_cond=False, use_scale_shift_norm=False, resblock_updown=False,
                                          use_new_attention_order=True),
     }
+    if EXACT:  # the released 256x256_diffusion_uncond.pt architecture (DiffGuard's GDM model), 552.8 M params
+        cases = {"adm_256_uncond_exact": dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="1,1,2,2,4,4",
+                                              attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                                              class_cond=False, use_scale_shift_norm=True, resblock_updown=True)}
     for seed, (name, kw) in enumerate(cases.items()):
         torch.manual_seed(seed)
         model = _perturb(create_model(**kw), seed)
-        x = torch.randn(2, 3, kw["image_size"], kw["image_size"])
-        t = torch.tensor([17, 801])
-        y = torch.tensor([3, 998]) if kw["class_cond"] else None
+        x = torch.randn(1 if EXACT else 2, 3, kw["image_size"], kw["image_size"])
+        t = torch.tensor([17, 801][:x.shape[0]])
+        y = torch.tensor([3, 998][:x.shape[0]]) if kw["class_cond"] else None
         with torch.no_grad():
             y_out = model(x, t, y)
         torch.save(dict(state_dict=model.state_dict(), flags=kw, x=x, t=t, y=y, out=y_out,
@@ -62,6 +68,8 @@ def diffnb_fixtures(repo: Path, out: Path) -> None:
                                      ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.1,
                                      resamp_with_conv=True),
     }
+    if EXACT:  # config/ddim_cifar10_cond.yml
+        cases = {"diffnb_cifar10_exact": dict(cases["diffnb_cifar_reduced"], ch=128)}
     for seed, (name, kw) in enumerate(cases.items()):
         torch.manual_seed(seed)
         model = _perturb(Model(None, kw), seed)
@@ -81,7 +89,10 @@ def main() -> None:
     ap.add_argument("--diffood", type=Path)
     ap.add_argument("--taming", type=Path, help="CompVis/taming-transformers checkout (VectorQuantizer2)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--exact", action="store_true", help="full-size released architectures (slow on CPU, GBs)")
     args = ap.parse_args()
+    global EXACT
+    EXACT = args.exact
     args.out.mkdir(parents=True, exist_ok=True)
     if args.guided_diffusion:
         adm_fixtures(args.guided_diffusion, args.out)
@@ -113,22 +124,24 @@ def ldm_fixtures(repo: Path, out: Path, taming: Path | None) -> None:
     from ldm.modules.encoders.modules import ClassEmbedder
 
     # cin256-v2 structure reduced: spatial transformers at ds 2 and 4, one head per level, class context
-    unet_kw = dict(image_size=16, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[4, 2],
-                   num_res_blocks=2, channel_mult=[1, 2, 3], num_heads=1, use_spatial_transformer=True,
-                   transformer_depth=1, context_dim=16)
-    vq_kw = dict(embed_dim=3, n_embed=64, ddconfig=dict(double_z=False, z_channels=3, resolution=64, in_channels=3,
-                 out_ch=3, ch=32, ch_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0),
+    lat, ch, mult, ctx, n_cls, n_embed, vq_ch = (64, 192, [1, 2, 3, 5], 512, 1001, 8192, 128) if EXACT else \
+        (16, 32, [1, 2, 3], 16, 11, 64, 32)
+    unet_kw = dict(image_size=lat, in_channels=3, out_channels=3, model_channels=ch,
+                   attention_resolutions=[8, 4, 2] if EXACT else [4, 2], num_res_blocks=2, channel_mult=mult,
+                   num_heads=1, use_spatial_transformer=True, transformer_depth=1, context_dim=ctx)
+    vq_kw = dict(embed_dim=3, n_embed=n_embed, ddconfig=dict(double_z=False, z_channels=3, resolution=lat * 4, in_channels=3,
+                 out_ch=3, ch=vq_ch, ch_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0),
                  lossconfig={"target": "torch.nn.Identity"})
     torch.manual_seed(0)
     unet = _perturb(UNetModel(**unet_kw), 0)
     vq = _perturb(VQModelInterface(**vq_kw), 1)
-    embedder = _perturb(ClassEmbedder(embed_dim=16, n_classes=11, key="class_label"), 2)
+    embedder = _perturb(ClassEmbedder(embed_dim=ctx, n_classes=n_cls, key="class_label"), 2)
     scale_factor = 0.7  # cin256-v2 has none (1.0); a non-trivial value tests the latent scaling
     betas = torch.from_numpy(make_beta_schedule("linear", 1000, linear_start=0.0015, linear_end=0.0195))
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, lat, lat)
     t = torch.tensor([1, 961])
-    y = torch.tensor([4, 10])  # 10 = null row
-    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = torch.tensor([4, n_cls - 1])  # last row = null
+    img = torch.rand(2, 3, lat * 4, lat * 4) * 2 - 1
     with torch.no_grad():
         eps = unet(x, t, context=embedder({"class_label": y}))  # DiffusionWrapper, conditioning_key crossattn
         z = scale_factor * vq.encode(img)                       # LatentDiffusion.get_first_stage_encoding
@@ -137,10 +150,12 @@ def ldm_fixtures(repo: Path, out: Path, taming: Path | None) -> None:
     sd.update({f"first_stage_model.{k}": v for k, v in vq.state_dict().items()})
     sd.update({f"cond_stage_model.{k}": v for k, v in embedder.state_dict().items()})
     sd.update(betas=betas.float(), alphas_cumprod=torch.cumprod(1 - betas, 0).float(), scale_factor=torch.tensor(scale_factor))
-    flags = dict(image_size=16, model_channels=32, attention_resolutions=(4, 2), num_res_blocks=2, channel_mult=(1, 2, 3),
-                 num_heads=1, context_dim=16, n_classes=11, vq_n_embed=64, vq_ch=32, vq_resolution=64)
-    torch.save(dict(state_dict=sd, flags=flags, x=x, t=t, y=y, out=eps, img=img, z=z, dec=dec), out / "ldm_cin_reduced.pt")
-    print("ldm_cin_reduced", sum(v.numel() for v in sd.values()), "tensors' elements", tuple(eps.shape), tuple(dec.shape))
+    flags = {} if EXACT else dict(image_size=16, model_channels=32, attention_resolutions=(4, 2), num_res_blocks=2,
+                                  channel_mult=(1, 2, 3), num_heads=1, context_dim=16, n_classes=11, vq_n_embed=64,
+                                  vq_ch=32, vq_resolution=64)  # {} = LDMFlags defaults = cin256-v2
+    name = "ldm_cin256v2_exact" if EXACT else "ldm_cin_reduced"
+    torch.save(dict(state_dict=sd, flags=flags, x=x, t=t, y=y, out=eps, img=img, z=z, dec=dec), out / f"{name}.pt")
+    print(name, sum(v.numel() for v in sd.values()), "tensors' elements", tuple(eps.shape), tuple(dec.shape))
 
 
 if __name__ == "__main__":

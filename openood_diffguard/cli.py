@@ -9,6 +9,7 @@ from typing import Callable
 # name -> (module, help). Each module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
+    "convert": ("openood_diffguard.convert.cli", "convert original ADM / LDM cin256-v2 / DiffNB checkpoints to diffusers"),
 }
 
 
