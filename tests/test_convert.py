@@ -177,3 +177,13 @@ def test_presets_follow_file_names():
     f = adm.flags_for("/x/64x64_diffusion.pt")
     assert (f.num_channels, f.num_res_blocks, f.use_new_attention_order, f.noise_schedule) == (192, 3, True, "cosine")
     assert adm.flags_for("/x/256x256_diffusion.pt", num_channels=128).num_channels == 128
+
+
+def test_pickled_training_objects_need_explicit_trust(tmp_path):
+    import argparse
+
+    src = tmp_path / "lightning_style.ckpt"
+    torch.save({"state_dict": ldm_checkpoint(TINY_LDM), "hyper_parameters": argparse.Namespace(lr=1e-4)}, src)
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        ldm.convert(src, tmp_path / "out", TINY_LDM)
+    assert (ldm.convert(src, tmp_path / "out", TINY_LDM, trust_pickle=True) / "unet" / "config.json").is_file()

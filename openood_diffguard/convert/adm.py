@@ -151,8 +151,8 @@ def flags_for(src: str | Path, preset: str | None = None, **overrides) -> ADMFla
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def convert(src: str | Path, out: str | Path, flags: ADMFlags) -> Path:
-    sd = load_state_dict(src, "ADM (guided-diffusion)")
+def convert(src: str | Path, out: str | Path, flags: ADMFlags, trust_pickle: bool = False) -> Path:
+    sd = load_state_dict(src, "ADM (guided-diffusion)", trust_pickle)
     unet = convert_state_dict(sd, flags)
     out = Path(out)
     unet.save_pretrained(out / "unet")

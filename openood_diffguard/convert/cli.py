@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
         p.add_argument("--src", required=True, help="original checkpoint file")
         p.add_argument("--out", required=True, help="output diffusers model directory")
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow full unpickling (torch.load weights_only=False) for files you trust")
         if name == "adm":
             p.add_argument("--preset", choices=sorted(adm.PRESETS),
                            help="flag set of a released checkpoint (default: from the --src file name)")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     module = {"adm": adm, "ldm": ldm, "diffnb": diffnb}[args.source]
     try:
         flags = build_flags(args)
-        out = module.convert(args.src, args.out, flags)
+        out = module.convert(args.src, args.out, flags, args.trust_pickle)
     except (FileNotFoundError, ValueError) as err:  # bad file or flags: the message says what to fix
         print(f"error: {err}")
         return 2

@@ -18,17 +18,20 @@ from ..diffusion.models import CONVERSION_SIDECAR as SIDECAR
 _NESTED = ("state_dict", "model", "ema", "module")
 
 
-def load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """Read a checkpoint with ``weights_only=True``; unwrap common nesting; clear errors."""
+def load_state_dict(path: str | Path, what: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``weights_only=True`` (full unpickling only when the user vouches for the
+    file with ``trust_pickle``); unwrap common nesting; clear errors."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{what} checkpoint not found at {p}: download it (see README, "
                                 "'Bringing real checkpoints') and pass its path with --src")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # pickle/zip errors have many types; report them uniformly
+        hint = "" if trust_pickle else (" If the file is a genuine checkpoint that also pickles training objects "
+                                        "(e.g. a Lightning checkpoint), re-run with --trust-pickle.")
         raise ValueError(f"{p} is not a loadable PyTorch checkpoint for {what} "
-                         f"(torch.load(weights_only=True) failed: {type(err).__name__}: {err})") from err
+                         f"(torch.load(weights_only={not trust_pickle}) failed: {type(err).__name__}: {err}).{hint}") from err
     if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], Mapping):
         obj = obj[0]  # training states saved as [model, optimizer, scheduler]
     for _ in range(3):

@@ -118,8 +118,8 @@ def convert_state_dict(sd: dict, flags: DiffNBFlags):
     return fill_strict(model, m, flags.describe())
 
 
-def convert(src: str | Path, out: str | Path, flags: DiffNBFlags) -> Path:
-    unet = convert_state_dict(load_state_dict(src, "DiffNB (DiffOOD)"), flags)
+def convert(src: str | Path, out: str | Path, flags: DiffNBFlags, trust_pickle: bool = False) -> Path:
+    unet = convert_state_dict(load_state_dict(src, "DiffNB (DiffOOD)", trust_pickle), flags)
     out = Path(out)
     unet.save_pretrained(out / "unet")
     write_scheduler(out, "linear", 1e-4, 0.02)

@@ -169,10 +169,10 @@ def expected_alphas_cumprod(f: LDMFlags) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)
 
 
-def convert(src: str | Path, out: str | Path, f: LDMFlags) -> Path:
+def convert(src: str | Path, out: str | Path, f: LDMFlags, trust_pickle: bool = False) -> Path:
     from safetensors.torch import save_file
 
-    unet_sd, vq_sd, cond_sd, buffers = split_checkpoint(load_state_dict(src, "LDM cin256-v2"))
+    unet_sd, vq_sd, cond_sd, buffers = split_checkpoint(load_state_dict(src, "LDM cin256-v2", trust_pickle))
     if "alphas_cumprod" in buffers:
         err = float((buffers["alphas_cumprod"].double() - expected_alphas_cumprod(f)).abs().max())
         if err > 1e-5:
