@@ -1,6 +1,6 @@
 """Parity of the converters against fixtures made by ``make_parity_fixtures.py`` (original code outputs).
 
-    python benchmarks/converter_parity.py /work/scratch/conv/fixtures
+    PYTHONPATH=. python benchmarks/converter_parity.py /work/scratch/conv/fixtures [more dirs or .pt files]
 
 Each fixture is converted, written as a diffusers directory, re-loaded through the package's loaders and
 evaluated on the stored input; prints max |ours - original| / max |original| per output part.
@@ -42,7 +42,6 @@ def check(path: Path, tmp: Path) -> list[str]:
         flags = adm_flags(fx["flags"])
         model = load_unet(adm.convert(src, tmp / name, flags))
         for kind, betas in fx["betas"].items():
-            sched = adm.flags_for(src, noise_schedule=kind)
             d = tmp / f"sched_{kind}"
             adm.write_scheduler(d, *adm._SCHEDULES[kind])
             ours = NoiseSchedule.from_pretrained(d).alphas_cumprod
@@ -66,14 +65,15 @@ def check(path: Path, tmp: Path) -> list[str]:
     return rows
 
 
-def main(root: str) -> int:
+def main(paths: list[str]) -> int:
     print("| fixture | output | max abs err / max abs original |\n|---|---|---|")
+    files = [f for p in map(Path, paths) for f in (sorted(p.glob("*.pt")) if p.is_dir() else [p])]
     with tempfile.TemporaryDirectory() as tmp:
-        for path in sorted(Path(root).glob("*.pt")):
+        for path in files:
             for row in check(path, Path(tmp)):
                 print(row, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))
