@@ -187,3 +187,13 @@ def test_pickled_training_objects_need_explicit_trust(tmp_path):
     with pytest.raises(ValueError, match="--trust-pickle"):
         ldm.convert(src, tmp_path / "out", TINY_LDM)
     assert (ldm.convert(src, tmp_path / "out", TINY_LDM, trust_pickle=True) / "unet" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("preset, params", [("256x256_diffusion_uncond", 552_814_086), ("256x256_diffusion", 553_838_086)])
+def test_released_adm_presets_have_the_original_parameter_count(preset, params):
+    """Counts of the original guided-diffusion models (docs/anchors-gpu.md §1), built on the meta device."""
+    from diffusers import UNet2DModel
+
+    with torch.device("meta"):
+        unet = UNet2DModel(**adm.unet_config(adm.PRESETS[preset]))
+    assert sum(p.numel() for p in unet.parameters()) == params
