@@ -16,12 +16,12 @@ benchmarks/results/converter_parity.md):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .common import KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .common import FlagsMixin, KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
 from .openai_unet import block_types, map_openai_unet
 
 _DEFAULT_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
@@ -29,7 +29,7 @@ _SCHEDULES = {"linear": ("linear", 1e-4, 0.02), "cosine": ("squaredcos_cap_v2", 
 
 
 @dataclass
-class ADMFlags:
+class ADMFlags(FlagsMixin):
     """guided-diffusion ``create_model`` flags (names as in its ``script_util``)."""
 
     image_size: int = 256
@@ -54,9 +54,6 @@ class ADMFlags:
         if self.image_size not in _DEFAULT_MULT:
             raise ValueError(f"no default channel_mult for image_size {self.image_size}: pass --channel-mult")
         return _DEFAULT_MULT[self.image_size]
-
-    def describe(self) -> str:
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
 
 #: the released checkpoints (README of openai/guided-diffusion), keyed by file stem

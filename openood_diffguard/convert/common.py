@@ -6,6 +6,7 @@ refuses to write anything unless every original key was consumed and every targe
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +17,13 @@ from ..diffusion.models import CONVERSION_SIDECAR as SIDECAR
 
 #: wrapper keys under which training frameworks nest the weights
 _NESTED = ("state_dict", "model", "ema", "module")
+
+
+class FlagsMixin:
+    """For the architecture-flag dataclasses: one-line description used in error messages."""
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
 
 def load_state_dict(path: str | Path, what: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .common import FlagsMixin, KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
 
 
 def map_resnet(m: KeyMapper, src: str, dst: str) -> None:
@@ -60,7 +60,7 @@ def map_up(m: KeyMapper, levels: int, num_res_blocks: int, attn_levels: set[int]
 
 
 @dataclass
-class DiffNBFlags:
+class DiffNBFlags(FlagsMixin):
     """``Model`` section of DiffOOD's ``config/ddim_cifar10_cond.yml``."""
 
     image_size: int = 32
@@ -76,9 +76,6 @@ class DiffNBFlags:
     def from_original(cls, cfg: dict) -> "DiffNBFlags":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in names})
-
-    def describe(self) -> str:
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
 
 def _attn_levels(flags: DiffNBFlags) -> set[int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .common import KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .common import FlagsMixin, KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
 from .diffnb import map_down, map_mid, map_up
 from .openai_unet import block_types, map_openai_unet
 
@@ -39,7 +39,7 @@ _SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alp
 
 
 @dataclass
-class LDMFlags:
+class LDMFlags(FlagsMixin):
     """``configs/latent-diffusion/cin256-v2.yaml`` (unet_config, first_stage_config, cond_stage_config)."""
 
     image_size: int = 64
@@ -67,9 +67,6 @@ class LDMFlags:
     vq_num_res_blocks: int = 2
     vq_resolution: int = 256
     vq_attn_resolutions: tuple = ()
-
-    def describe(self) -> str:
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
 
 def _unet_levels(f: LDMFlags) -> tuple[list[int], set[int], list[int]]:
