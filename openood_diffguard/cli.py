@@ -10,6 +10,7 @@ from typing import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
     "fuse": ("openood_diffguard.fusion.cli", "fuse cached per-sample score files (ours / OpenOOD's) and print metrics"),
+    "convert": ("openood_diffguard.convert.cli", "convert original ADM / LDM cin256-v2 / DiffNB checkpoints to diffusers"),
 }
 
 

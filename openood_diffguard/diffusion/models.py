@@ -84,15 +84,19 @@ class UNetAdapter(DiffusionModel):
     """diffusers ``UNet2DModel``; class-conditional when ``num_class_embeds`` is set.
 
     Convention for self-trained class-conditional models (DiffNB, our ``train-diffusion``):
-    ``num_class_embeds = C + 1`` and the last row is the null class.
+    ``num_class_embeds = C + 1`` and the last row is the null class. ``has_null_class=False`` is for
+    tables without one (class-conditional ADM: 1000 rows, all real classes).
     """
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, null_class: int | None = None,
-                 autocast_dtype: torch.dtype | None = None, codec: Optional["LatentCodec"] = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, codec: Optional["LatentCodec"] = None,
+                 has_null_class: bool = True) -> None:
         cfg = unet.config
         n_embeds = cfg.get("num_class_embeds") if hasattr(cfg, "get") else getattr(cfg, "num_class_embeds", None)
         num_classes = None
-        if n_embeds:
+        if n_embeds and not has_null_class:
+            num_classes, null_class = n_embeds, None
+        elif n_embeds:
             null_class = n_embeds - 1 if null_class is None else null_class
             num_classes = n_embeds - 1 if null_class == n_embeds - 1 else n_embeds
         super().__init__(schedule, num_classes, null_class, codec=codec, sample_size=cfg.sample_size,
@@ -169,6 +173,15 @@ class LatentCodec(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- loading
+#: written by ``openood-diffguard convert`` next to the diffusers sub-folders: adapter settings that
+#: diffusers configs cannot express (e.g. whether the class table has a null row).
+CONVERSION_SIDECAR = "openood_diffguard.json"
+
+
+def read_conversion_info(root: str | Path) -> dict:
+    p = Path(root) / CONVERSION_SIDECAR
+    return json.loads(p.read_text()) if p.is_file() else {}
+
 def _require_dir(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -194,6 +207,9 @@ def load_unet(path: str | Path, schedule: NoiseSchedule | None = None, subfolder
         raise RuntimeError(f"could not load a UNet2DModel from {root} (subfolder={subfolder}): {err}") from err
     if schedule is None:
         schedule = NoiseSchedule.from_pretrained(root)
+    info = read_conversion_info(root)
+    if info.get("num_classes") and info.get("null_class") is None:
+        adapter_kwargs.setdefault("has_null_class", False)
     return UNetAdapter(unet.eval(), schedule, **adapter_kwargs)
 
 
@@ -210,6 +226,26 @@ def load_dit(path: str | Path, **adapter_kwargs) -> DiTAdapter:
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
     schedule = NoiseSchedule.from_pretrained(root)
     return DiTAdapter(transformer.eval(), schedule, codec=LatentCodec(vae.eval()), **adapter_kwargs)
+
+
+def load_ldm(path: str | Path, **adapter_kwargs) -> CrossAttnUNetAdapter:
+    """Load a directory written by ``openood-diffguard convert ldm`` (``unet/``, ``vqvae/``,
+    ``class_embedding.safetensors``, ``scheduler/``): class-conditional LDM with a VQ latent codec."""
+    from diffusers import UNet2DConditionModel, VQModel
+    from safetensors.torch import load_file
+
+    root = _require_dir(path, "LDM model directory")
+    needed = [root / "unet" / "config.json", root / "vqvae" / "config.json", root / "class_embedding.safetensors"]
+    for p in needed:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} missing: expected a directory made by `openood-diffguard convert ldm "
+                                    "--src model.ckpt --out DIR` (LDM cin256-v2)")
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
+    vq = VQModel.from_pretrained(root, subfolder="vqvae", local_files_only=True)
+    table = load_file(str(root / "class_embedding.safetensors"))["weight"]
+    class_embedding = nn.Embedding.from_pretrained(table, freeze=True)
+    return CrossAttnUNetAdapter(unet.eval(), class_embedding, NoiseSchedule.from_pretrained(root),
+                                codec=LatentCodec(vq.eval()), **adapter_kwargs)
 
 
 def read_json(path: Path) -> dict:
