@@ -56,10 +56,10 @@ def trained_digits_net(seed: int = 0) -> TinyConvNet:
     x, y, _, _ = digits_split(seed)
     torch.manual_seed(seed)
     net = TinyConvNet()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(15):
-        for i in range(0, len(y), 64):
-            loss = nn.functional.cross_entropy(net(x[i:i + 64]), y[i:i + 64])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(10):
+        for i in range(0, len(y), 128):
+            loss = nn.functional.cross_entropy(net(x[i:i + 128]), y[i:i + 128])
             opt.zero_grad()
             loss.backward()
             opt.step()

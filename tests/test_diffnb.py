@@ -24,6 +24,15 @@ class NearestMean(torch.nn.Module):
         return (logits, f) if return_feature else logits
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Two intra-op threads on a shared 2-core machine spin against other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _setup(linear_schedule, seed=0):
     g = torch.Generator().manual_seed(seed)
     means = (torch.rand((4, *SHAPE), generator=g) - 0.5) * 1.2  # 4 components inside [-0.6, 0.6]

@@ -11,11 +11,20 @@ from openood_diffguard.features import pooled_features
 from openood_diffguard.networks import LFDNet, lfdn_schedule
 from openood_diffguard.training.lfdn import load_checkpoint, save_checkpoint
 
-TRAIN = {"width": 128, "blocks": 2, "epochs": 40, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4}
+TRAIN = {"width": 128, "blocks": 2, "epochs": 25, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Two intra-op threads on a shared 2-core machine spin against other processes (15x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(single_thread, tmp_path_factory):
     net = trained_digits_net()
     x, y, x_id, x_ood = digits_split()
     loader = [{"data": x[i:i + 128], "label": y[i:i + 128]} for i in range(0, len(y), 128)]
@@ -45,8 +54,9 @@ def test_lfdn_detects_unknown_digits(trained):
     assert hist[-1] < 0.7 * hist[0], hist  # the training loss decreases
     scores = {s: _auroc(det, net, x_id, x_ood, score=s) for s in ("mse", "mfsim", "lr")}
     assert scores["mse"] > 0.8 and scores["mfsim"] > 0.8, scores
-    # a score computed with the wrong sign would be < 0.5: each sign is the ID-positive one
-    assert scores["lr"] > 0.5, scores
+    # LR sign from the maths (first-epoch minus final error, higher = ID) beats the released code's sign
+    # (measured here: 0.80 vs 0.20)
+    assert scores["lr"] > 0.6, scores
     det.set_params(score="mfsim")
 
 

@@ -60,7 +60,7 @@ def train_lfdn(z0: torch.Tensor, config: dict | None = None, progress: bool = Tr
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), net.parameters()):
                         pe.lerp_(p, 1 - cfg["ema"])
-            total += float(loss) * z.shape[0]
+            total += float(loss.detach()) * z.shape[0]
         history.append(total / N)
         if epoch == 0:
             first = copy.deepcopy(net).eval()
