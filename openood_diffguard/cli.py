@@ -9,6 +9,8 @@ from typing import Callable
 # name -> (module, help). Each module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
+    "train-diffusion": ("openood_diffguard.training.diffusion", "train DiffNB's class-conditional pixel UNet"),
+    "train-lfdn": ("openood_diffguard.training.lfdn", "train the LFDN feature denoiser on a classifier's ID features"),
 }
 
 

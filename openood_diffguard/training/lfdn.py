@@ -140,3 +140,91 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return {**models, "standardizer": FeatureStandardizer.from_state_dict(ckpt["standardizer"]),
             "layers": list(ckpt["layers"]), "schedule": ckpt["schedule"], "classifier_hash": ckpt["classifier_hash"],
             "history": ckpt["history"]}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+OPENOOD_NETS = {"resnet18_32x32": "ResNet18_32x32", "resnet18_224x224": "ResNet18_224x224", "resnet50": "ResNet50"}
+
+
+def build_classifier(network: str, num_classes: int, checkpoint: str | None) -> torch.nn.Module:
+    """An OpenOOD network by name (needs OpenOOD) or ``package.module:Class`` (constructed with
+    ``num_classes=``), loaded strictly from ``checkpoint``."""
+    import importlib
+
+    if network in OPENOOD_NETS:
+        try:
+            cls = getattr(importlib.import_module("openood.networks"), OPENOOD_NETS[network])
+        except ImportError as err:
+            raise ImportError(f"--network {network} needs OpenOOD: pip install "
+                              "git+https://github.com/Jingkang50/OpenOOD (or pass --network module:Class)") from err
+    elif ":" in network:
+        mod, name = network.split(":", 1)
+        cls = getattr(importlib.import_module(mod), name)
+    else:
+        raise ValueError(f"unknown network {network!r}: one of {sorted(OPENOOD_NETS)} or 'package.module:Class'")
+    net = cls(num_classes=num_classes)
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"classifier checkpoint {path} not found (OpenOOD: results/<run>/s0/best.ckpt)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"classifier checkpoint {path} does not fit --network {network} "
+                             f"with {num_classes} classes: {err}") from err
+    return net.eval()
+
+
+class _Normalised(torch.utils.data.Dataset):
+    """[-1, 1] images -> the classifier's normalised input (OpenOOD test-time preprocessing)."""
+
+    def __init__(self, base, normalization: str, channels: int = 3) -> None:
+        from ..space import ImageSpace, resolve_normalization
+
+        mean, std = resolve_normalization(normalization)  # grayscale data: the first channel's statistics
+        self.base, self.space = base, ImageSpace(mean[:channels], std[:channels])
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return self.space.from_unit(((x + 1) / 2)[None])[0], y
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--imglist", required=True, help="OpenOOD ID train image list (<relpath> <label> per line)")
+    p.add_argument("--data-root", default=".", help="root the image list's paths are relative to")
+    p.add_argument("--network", required=True, help=f"{', '.join(OPENOOD_NETS)} (OpenOOD) or package.module:Class")
+    p.add_argument("--classifier", required=True, help="classifier checkpoint (state dict)")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--normalization", default="cifar10", help="OpenOOD normalization_type of the classifier")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--layers", default="1,2,3,4", help="1-based feature-list indices (ResNet50 seed setting: 1,2,3)")
+    p.add_argument("--out", required=True, help="checkpoint path to write (.pt)")
+    p.add_argument("--feature-batch-size", type=int, default=256)
+    for name in ("width", "blocks", "epochs", "batch_size", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=TRAIN_DEFAULTS[name])
+    for name in ("lr", "weight_decay", "ema", "dropout"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=TRAIN_DEFAULTS[name])
+    p.add_argument("--device", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import ImageListDataset
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = build_classifier(args.network, args.num_classes, args.classifier).to(device)
+    data = _Normalised(ImageListDataset(args.imglist, args.data_root, args.image_size, args.channels), args.normalization,
+                       args.channels)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.feature_batch_size, shuffle=False)
+    cfg = {k: getattr(args, k) for k in TRAIN_DEFAULTS}
+    layers = [int(i) for i in args.layers.split(",")]
+    ckpt = fit_lfdn(net, loader, layers, cfg)
+    path = save_checkpoint(ckpt, args.out)
+    print(f"LFDN checkpoint {path} (final loss {ckpt['history'][-1]:.4f}); use it as postprocessor_args.checkpoint")
+    return 0
