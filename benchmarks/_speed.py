@@ -12,6 +12,22 @@ from typing import Callable
 import torch
 
 
+def common_arguments(p, batch_sizes: str):
+    """Options every speed benchmark shares; call ``setup_run(args)`` after parsing."""
+    p.add_argument("--batch-sizes", default=batch_sizes)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, help="markdown report to write (benchmarks/results/...)")
+
+
+def setup_run(args) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
 def pick_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 

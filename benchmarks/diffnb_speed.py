@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 import torch  # noqa: E402
-from _speed import pick_device, throughput, write_report  # noqa: E402
+from _speed import common_arguments, setup_run, throughput, write_report  # noqa: E402
 
 from openood_diffguard.detectors.diffnb import DiffNB  # noqa: E402
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
@@ -23,18 +23,11 @@ from openood_diffguard.training.diffusion import CIFAR_UNET, SCHEDULER, TINY_UNE
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--full", action="store_true", help="35.7M DiffNB CIFAR UNet (default: tiny UNet)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--batch-sizes", default="8,32,64,128,256")
     p.add_argument("--timesteps", default="300")
     p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None)
+    common_arguments(p, "8,32,64,128,256")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = pick_device(a.device)
+    device = setup_run(a)
     cfg = dict(CIFAR_UNET if a.full else {**TINY_UNET, "in_channels": 3, "sample_size": 32})
     C = 10
     unet = build_unet(cfg, C).to(device).eval()

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401
 import torch  # noqa: E402
-from _speed import pick_device, throughput, write_report  # noqa: E402
+from _speed import common_arguments, setup_run, throughput, write_report  # noqa: E402
 
 from openood_diffguard.detectors.lfdn import LFDN  # noqa: E402
 from openood_diffguard.features import FeatureStandardizer  # noqa: E402
@@ -36,20 +36,13 @@ class FeatureStub(torch.nn.Module):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batch-sizes", default="256,1024,4096,16384")
     p.add_argument("--width", type=int, default=1440)
     p.add_argument("--blocks", type=int, default=16)
     p.add_argument("--timesteps", default="3")
     p.add_argument("--no-first", action="store_true", help="skip the first-epoch model (no LR score: half the cost)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None)
+    common_arguments(p, "256,1024,4096,16384")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = pick_device(a.device)
+    device = setup_run(a)
     D = sum(WIDTHS)
     det = LFDN(layers=[1, 2, 3], timesteps=[int(t) for t in a.timesteps.split(",")])
     det.final = LFDNet(D, a.width, a.blocks).to(device).eval()

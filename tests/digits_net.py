@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 from torch import nn
 
@@ -64,3 +65,12 @@ def trained_digits_net(seed: int = 0) -> TinyConvNet:
             loss.backward()
             opt.step()
     return net.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Two intra-op threads on a shared 2-core machine spin against other processes (15x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from digits_net import single_thread  # noqa: F401 (autouse: one CPU thread)
 from openood_diffguard.diffusion.analytic import GaussianMixtureModel
 from openood_diffguard.detectors.diffnb import DiffNB
 
@@ -22,15 +23,6 @@ class NearestMean(torch.nn.Module):
         f = x.flatten(1)
         logits = f @ self.m.T - 0.5 * (self.m ** 2).sum(1)
         return (logits, f) if return_feature else logits
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Two intra-op threads on a shared 2-core machine spin against other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _setup(linear_schedule, seed=0):

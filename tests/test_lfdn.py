@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from digits_net import TinyConvNet, digits_split, trained_digits_net
+from digits_net import TinyConvNet, digits_split, trained_digits_net, single_thread  # noqa: F401 (autouse)
 from openood_diffguard.detectors.lfdn import LFDN
 from openood_diffguard.features import pooled_features
 from openood_diffguard.networks import LFDNet, lfdn_schedule
@@ -14,17 +14,8 @@ from openood_diffguard.training.lfdn import load_checkpoint, save_checkpoint
 TRAIN = {"width": 128, "blocks": 2, "epochs": 25, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Two intra-op threads on a shared 2-core machine spin against other processes (15x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def trained(single_thread, tmp_path_factory):
+def trained(tmp_path_factory):
     net = trained_digits_net()
     x, y, x_id, x_ood = digits_split()
     loader = [{"data": x[i:i + 128], "label": y[i:i + 128]} for i in range(0, len(y), 128)]

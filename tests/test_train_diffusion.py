@@ -2,20 +2,12 @@
 import pytest
 import torch
 
-from digits_net import digits_split
+from digits_net import digits_split, single_thread  # noqa: F401 (autouse)
 from openood_diffguard.diffusion import load_unet
 from openood_diffguard.training.data import ImageListDataset, TensorImages
 from openood_diffguard.training.diffusion import TINY_UNET, train_diffusion
 
 CFG = {"unet": TINY_UNET, "steps": 20, "batch_size": 32, "lr": 2e-3, "warmup": 2, "ema": 0.9, "save_every": 10}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from digits_net import digits_split, trained_digits_net
+from digits_net import digits_split, trained_digits_net, single_thread  # noqa: F401 (autouse)
 from openood_diffguard.cli import main
 from openood_diffguard.detectors.lfdn import LFDN
 from openood_diffguard.diffusion import load_unet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,6 @@ class LFDN(Detector):
         "lr_sign": 1.0,            # +1: higher LR = ID (maths); -1 reproduces the released code's ranking
         "train": {},               # options for on-the-fly training (training.lfdn.TRAIN_DEFAULTS)
         "cache_dir": "~/.cache/openood_diffguard/lfdn",  # where on-the-fly checkpoints are cached
-        "batch_size": 4096,        # LFDN batch when training features are scored
     }
     cheap_params = ("score", "mfsim_layer1", "lr_sign")
     heavy_attributes = ("final", "first", "standardizer")
