@@ -64,6 +64,9 @@ def test_shapes_determinism_and_timestep_set(linear_schedule):
         assert s1[k].shape == (5,)
         torch.testing.assert_close(s1[k], s2[k])  # seeded noise: identical repeats
     assert torch.all(s1["dist_t360"] >= 0)
+    chunked = _detector(model, timesteps=[120, 240, 360], repeats=2, max_model_batch=7).statistics(net, x_id[:5])
+    for k in s1:
+        torch.testing.assert_close(chunked[k], s1[k])  # chunking the model batch changes nothing
     # all timesteps run in one batch with per-sample starts: each equals a run with that timestep alone
     for t in (120, 360):
         alone = _detector(model, timesteps=[t], repeats=2).statistics(net, x_id[:5])

@@ -55,8 +55,9 @@ class DiffNB(Detector):
         "seed": 0,                # noise seed (fresh draw per repeat, same draws for every batch)
         "dtype": None,            # "bf16" / "fp16": autocast the UNet (scheduler maths stays fp32)
         "aggregate": "mean",      # how per-timestep distances combine into the score: mean | max
+        "max_model_batch": 4096,  # cap on samples per DDIM pass (x2 inside CFG); results do not depend on it
     }
-    cheap_params = ("aggregate",)
+    cheap_params = ("aggregate", "max_model_batch")  # neither changes the statistics
     heavy_attributes = ("model",)
 
     def __init__(self, **params: Any) -> None:
@@ -104,7 +105,9 @@ class DiffNB(Detector):
     def image_space(self, images: torch.Tensor) -> ImageSpace:
         mean, std = resolve_normalization(self.params["normalization"])
         size = self.params["diffusion_size"] or getattr(self.model, "sample_size", None)
-        return ImageSpace(mean, std, diffusion_size=size, classifier_size=images.shape[-1])
+        codec = getattr(self.model, "codec", None)  # latent models: encode / decode through their VAE
+        return ImageSpace(mean, std, diffusion_size=size if codec is None else self.params["diffusion_size"],
+                          classifier_size=images.shape[-1], codec=codec)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -136,8 +139,10 @@ class DiffNB(Detector):
         x_t = noise_to_level(sched, x0_rep, t_per, noise=noise_rep)
         start = t_per // int(p["stride"]) + 1  # index of t on the path (index 0 = CLEAN)
         cond = {"y": pred.repeat(n_t * R)}
-        cfg = ClassifierFreeGuidance(model, float(p["cfg_scale"]))
-        x_rec = DDIM(sched).sample(cfg, x_t, levels, start=start, stop=0, cond=cond)
+        cfg, ddim, step = ClassifierFreeGuidance(model, float(p["cfg_scale"])), DDIM(sched), int(p["max_model_batch"])
+        # noise is drawn for the whole batch first, so chunking never changes a sample's result
+        x_rec = torch.cat([ddim.sample(cfg, x_t[i:i + step], levels, start=start[i:i + step], stop=0,
+                                       cond={"y": cond["y"][i:i + step]}) for i in range(0, len(x_t), step)])
         nb_in = space.to_classifier(space.decode(x_rec).float()).to(images.dtype)
         _, nb = _embed(net, nb_in, p["space"], p["feature_clip"])
         dist = (nb.view(n_t, R, B, -1) - ref.view(1, 1, B, -1)).abs().sum(-1).mean(1)  # [T, B]
