@@ -11,6 +11,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
     "fuse": ("openood_diffguard.fusion.cli", "fuse cached per-sample score files (ours / OpenOOD's) and print metrics"),
     "convert": ("openood_diffguard.convert.cli", "convert original ADM / LDM cin256-v2 / DiffNB checkpoints to diffusers"),
+    "train-diffusion": ("openood_diffguard.training.diffusion", "train DiffNB's class-conditional pixel UNet"),
+    "train-lfdn": ("openood_diffguard.training.lfdn", "train the LFDN feature denoiser on a classifier's ID features"),
 }
 
 

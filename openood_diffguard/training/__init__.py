@@ -1,1 +1,1 @@
-"""Training of the models the detectors need (classifier for demos, diffusion UNet, LFDN)."""
+"""Training of the models the detectors need: class-conditional pixel UNet, LFDN, a demo classifier."""

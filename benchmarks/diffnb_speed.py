@@ -1,0 +1,59 @@
+"""DiffNB scoring speed (images/s) at the best batch size; random weights (speed does not depend on them).
+
+--full: the DiffNB CIFAR UNet (35.7M, 32x32), t = 300, R = 4, CFG (2 UNet rows per sample and step): the
+H100 target is >= 200 img/s with --bf16. Default: a tiny UNet so it runs anywhere in seconds.
+    python benchmarks/diffnb_speed.py --full --bf16 --out benchmarks/results/diffnb_h100.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
+import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
+import torch  # noqa: E402
+from _speed import common_arguments, setup_run, throughput, write_report  # noqa: E402
+
+from openood_diffguard.detectors.diffnb import DiffNB  # noqa: E402
+from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
+from openood_diffguard.training.diffusion import CIFAR_UNET, SCHEDULER, TINY_UNET, build_unet  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--full", action="store_true", help="35.7M DiffNB CIFAR UNet (default: tiny UNet)")
+    p.add_argument("--timesteps", default="300")
+    p.add_argument("--repeats", type=int, default=4)
+    common_arguments(p, "8,32,64,128,256")
+    a = p.parse_args()
+    device = setup_run(a)
+    cfg = dict(CIFAR_UNET if a.full else {**TINY_UNET, "in_channels": 3, "sample_size": 32})
+    C = 10
+    unet = build_unet(cfg, C).to(device).eval()
+    model = UNetAdapter(unet, NoiseSchedule.from_config(SCHEDULER), autocast_dtype=torch.bfloat16 if a.bf16 else None)
+    n_params = sum(p.numel() for p in unet.parameters()) / 1e6
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(16, C)).to(device).eval()
+    ts = [int(t) for t in a.timesteps.split(",")]
+    det = DiffNB(timesteps=ts, repeats=a.repeats, cfg_scale=3.0, normalization="cifar10")
+    det.model = model
+    size = cfg["sample_size"]
+    images = {}
+
+    def run(bs: int) -> None:
+        if bs not in images:
+            images[bs] = ((torch.rand(bs, 3, size, size, device=device) - 0.49) / 0.25)
+        det.statistics(net, images[bs])
+
+    rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
+    calls = sum(t // 20 + 1 for t in ts) * a.repeats * 2
+    notes = [f"UNet {n_params:.1f}M params ({'full DiffNB CIFAR config' if a.full else 'tiny config'}), "
+             f"bf16={a.bf16}, timesteps={ts}, R={a.repeats}, CFG: {calls} UNet sample-evaluations per image",
+             "random weights; classifier = tiny conv net (the UNet dominates)"]
+    if a.out:
+        write_report(a.out, "DiffNB scoring speed", device, rates, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""LFDN scoring speed (samples/s) on ResNet50-sized features (stages 1-3: 256 + 512 + 1024 = 1792-d), paper-size
+LFDN (width 1440, 16 blocks), t = 3 (3 DDIM steps + the step to the clean level), final + first-epoch
+models (all three scores). Random weights. The classifier's forward pass is not included: OpenOOD runs
+it anyway; here a stub returns precomputed feature maps. H100 target: >= 10,000 samples/s.
+    python benchmarks/lfdn_speed.py --bf16 --out benchmarks/results/lfdn_h100.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
+import openood_diffguard  # noqa: E402,F401
+import torch  # noqa: E402
+from _speed import common_arguments, setup_run, throughput, write_report  # noqa: E402
+
+from openood_diffguard.detectors.lfdn import LFDN  # noqa: E402
+from openood_diffguard.features import FeatureStandardizer  # noqa: E402
+from openood_diffguard.networks import LFDNet, lfdn_schedule  # noqa: E402
+
+WIDTHS = [256, 512, 1024]
+
+
+class FeatureStub(torch.nn.Module):
+    """Returns (logits, [f1, f2, f3]) for any input: pre-pooled [B, D, 1, 1] ResNet50-sized maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, return_feature_list=False):
+        feats = [x[:, :256, None, None], x[:, 256:768, None, None], x[:, 768:, None, None]]
+        return x[:, :1000], feats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--width", type=int, default=1440)
+    p.add_argument("--blocks", type=int, default=16)
+    p.add_argument("--timesteps", default="3")
+    p.add_argument("--no-first", action="store_true", help="skip the first-epoch model (no LR score: half the cost)")
+    common_arguments(p, "256,1024,4096,16384")
+    a = p.parse_args()
+    device = setup_run(a)
+    D = sum(WIDTHS)
+    det = LFDN(layers=[1, 2, 3], timesteps=[int(t) for t in a.timesteps.split(",")])
+    det.final = LFDNet(D, a.width, a.blocks).to(device).eval()
+    det.first = None if a.no_first else LFDNet(D, a.width, a.blocks).to(device).eval()
+    det.standardizer = FeatureStandardizer(torch.zeros(D), torch.ones(D), WIDTHS)
+    det._schedule = lfdn_schedule()
+    net = FeatureStub().to(device)
+    feats = {}
+
+    def run(bs: int) -> None:
+        if bs not in feats:
+            feats[bs] = torch.randn(bs, D, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            det.statistics(net, feats[bs])
+
+    rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
+    n_params = sum(p.numel() for p in det.final.parameters()) / 1e6
+    notes = [f"LFDN {n_params:.1f}M params (width {a.width}, {a.blocks} blocks, {D}-d ResNet50 stages 1-3), "
+             f"timesteps {det.params['timesteps']}, eta 0, models: final{'' if a.no_first else ' + first-epoch'}, "
+             f"bf16={a.bf16}", "classifier forward excluded (stub); random weights"]
+    if a.out:
+        write_report(a.out, "LFDN scoring speed", device, rates, notes)
+
+
+if __name__ == "__main__":
+    main()

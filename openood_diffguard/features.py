@@ -1,0 +1,73 @@
+"""Multi-layer features of an OpenOOD classifier, for feature-space detectors (LFDN).
+
+OpenOOD nets return ``(logits, [f1..f5])`` for ``net(x, return_feature_list=True)``: f1..f4 are the
+stage outputs (maps), f5 the pooled penultimate feature. Each selected layer is globally average-pooled
+to a vector and the vectors are concatenated: ResNet18 stages 1-4 -> 64+128+256+512 = 960-d; ResNet50
+stages 1-3 -> 256+512+1024 = 1792-d (the seed's App. C.2 setting). Per-layer standardisation (mean/std per
+dimension, fitted on ID training data) puts every layer on the same scale before diffusion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+#: default layers (1-based indices into the feature list) per architecture family
+DEFAULT_LAYERS = {"resnet18": (1, 2, 3, 4), "resnet50": (1, 2, 3)}
+
+
+def pooled_features(net: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(logits, concatenated pooled features [B, D], per-layer widths) for 1-based ``layers``."""
+    out = net(images, return_feature_list=True)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (list, tuple))):
+        raise TypeError("the classifier must follow OpenOOD's interface: net(x, return_feature_list=True) -> "
+                        "(logits, [f1, ..., f5])")
+    logits, feats = out
+    if max(layers) > len(feats) or min(layers) < 1:
+        raise ValueError(f"layers {list(layers)} out of range: the net returns {len(feats)} feature maps")
+    vecs = [feats[i - 1].float().flatten(2).mean(2) if feats[i - 1].ndim > 2 else feats[i - 1].float()
+            for i in layers]
+    return logits, torch.cat(vecs, 1), [v.shape[1] for v in vecs]
+
+
+@dataclass
+class FeatureStandardizer:
+    """Per-dimension z-scoring of concatenated layer features; ``widths`` records the layer split."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    widths: list[int]
+
+    def __call__(self, f: torch.Tensor) -> torch.Tensor:
+        if f.shape[1] != self.mean.numel():
+            raise ValueError(f"features are {f.shape[1]}-d but the standardiser was fitted on "
+                             f"{self.mean.numel()}-d features (different classifier or layers?)")
+        return (f - self.mean.to(f.device)) / self.std.to(f.device)
+
+    @classmethod
+    def fit(cls, feats: torch.Tensor, widths: list[int], eps: float = 1e-5) -> "FeatureStandardizer":
+        return cls(feats.mean(0), feats.std(0) + eps, list(widths))
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "std": self.std.cpu(), "widths": torch.tensor(self.widths)}
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping) -> "FeatureStandardizer":
+        return cls(sd["mean"], sd["std"], [int(w) for w in sd["widths"]])
+
+
+@torch.no_grad()
+def extract_features(net: torch.nn.Module, loader: Iterable, layers: Sequence[int], device=None,
+                     progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Pooled features over a loader of OpenOOD batch dicts or (x, y) tuples; returns ([N, D] on CPU, widths)."""
+    device = device or next(net.parameters()).device
+    chunks, widths = [], None
+    for batch in tqdm(loader, disable=not progress, desc="features"):
+        x = batch["data"] if isinstance(batch, Mapping) else batch[0]
+        _, f, widths = pooled_features(net, x.to(device), layers)
+        chunks.append(f.cpu())
+    if not chunks:
+        raise ValueError("the loader is empty: no ID training data to fit features on")
+    return torch.cat(chunks), widths

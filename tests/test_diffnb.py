@@ -1,0 +1,91 @@
+"""DiffNB on an analytic class-conditional Gaussian mixture with the matching (Bayes) linear classifier:
+components the model knows come back close to themselves, a held-out component is pulled away."""
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from digits_net import single_thread  # noqa: F401 (autouse: one CPU thread)
+from openood_diffguard.diffusion.analytic import GaussianMixtureModel
+from openood_diffguard.detectors.diffnb import DiffNB
+
+SHAPE = (3, 4, 4)
+
+
+class NearestMean(torch.nn.Module):
+    """Bayes classifier of an isotropic mixture with equal weights: logits_k = <x, mu_k> - |mu_k|^2 / 2.
+    Images arrive normalised with mean = std = 0.5, i.e. already in [-1, 1] = the model's space."""
+
+    def __init__(self, means):
+        super().__init__()
+        self.register_buffer("m", means.flatten(1).float())
+
+    def forward(self, x, return_feature=False):
+        f = x.flatten(1)
+        logits = f @ self.m.T - 0.5 * (self.m ** 2).sum(1)
+        return (logits, f) if return_feature else logits
+
+
+def _setup(linear_schedule, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand((4, *SHAPE), generator=g) - 0.5) * 1.2  # 4 components inside [-0.6, 0.6]
+    sigma = 0.12
+    known = GaussianMixtureModel(means[:3], sigma, linear_schedule)  # the model never saw component 3
+    full = GaussianMixtureModel(means, sigma, linear_schedule)
+    x_id, _ = full.sample_data(60, torch.arange(3).repeat(20), generator=g)
+    x_ood, _ = full.sample_data(30, torch.full((30,), 3), generator=g)
+    return known, NearestMean(means[:3]), x_id.clamp(-1, 1), x_ood.clamp(-1, 1)
+
+
+def _detector(model, **kw):
+    det = DiffNB(normalization="unknown", **kw)
+    det.model = model
+    return det
+
+
+def test_known_vs_heldout_component_separate(linear_schedule):
+    model, net, x_id, x_ood = _setup(linear_schedule)
+    det = _detector(model, timesteps=[300], repeats=4, cfg_scale=3.0)
+    conf_id = det.predict(net, x_id)[1]
+    conf_ood = det.predict(net, x_ood)[1]
+    y = torch.cat([torch.ones(len(conf_id)), torch.zeros(len(conf_ood))])
+    auroc = roc_auc_score(y, torch.cat([conf_id, conf_ood]))
+    assert auroc > 0.9, auroc
+    # score sign: ID neighbours are closer, so ID confidence (= -distance) is higher on average
+    assert conf_id.mean() > conf_ood.mean()
+
+
+def test_shapes_determinism_and_timestep_set(linear_schedule):
+    model, net, x_id, _ = _setup(linear_schedule)
+    det = _detector(model, timesteps=[120, 240, 360], repeats=2)
+    s1 = det.statistics(net, x_id[:5])
+    s2 = det.statistics(net, x_id[:5])
+    assert set(s1) == {"pred", "dist_t120", "dist_t240", "dist_t360"}
+    for k in s1:
+        assert s1[k].shape == (5,)
+        torch.testing.assert_close(s1[k], s2[k])  # seeded noise: identical repeats
+    assert torch.all(s1["dist_t360"] >= 0)
+    chunked = _detector(model, timesteps=[120, 240, 360], repeats=2, max_model_batch=7).statistics(net, x_id[:5])
+    for k in s1:
+        torch.testing.assert_close(chunked[k], s1[k])  # chunking the model batch changes nothing
+    # all timesteps run in one batch with per-sample starts: each equals a run with that timestep alone
+    for t in (120, 360):
+        alone = _detector(model, timesteps=[t], repeats=2).statistics(net, x_id[:5])
+        torch.testing.assert_close(alone[f"dist_t{t}"], s1[f"dist_t{t}"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(det.confidence(s1), -torch.stack([s1[f"dist_t{t}"] for t in (120, 240, 360)]).mean(0))
+    # repeats use different noise: R=1 with another seed gives a different value
+    other = _detector(model, timesteps=[120, 240, 360], repeats=2, seed=1).statistics(net, x_id[:5])
+    assert not torch.allclose(other["dist_t120"], s1["dist_t120"])
+
+
+def test_feature_space_and_errors(linear_schedule):
+    model, net, x_id, _ = _setup(linear_schedule)
+    s = _detector(model, space="feature", feature_clip=0.3, repeats=1).statistics(net, x_id[:4])
+    assert s["dist_t300"].shape == (4,) and torch.isfinite(s["dist_t300"]).all()
+    with pytest.raises(ValueError, match="multiples of stride"):
+        DiffNB(timesteps=[310])
+    with pytest.raises(ValueError, match="model_path"):
+        DiffNB().statistics(net, x_id[:2])
+    with pytest.raises(ValueError, match="classes"):
+        _detector(model).statistics(NearestMean(torch.zeros(5, *SHAPE)), x_id[:2])
+    with pytest.raises(ValueError, match="un-normalised"):
+        _detector(model).statistics(net, x_id[:2] * 10)

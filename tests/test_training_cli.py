@@ -1,0 +1,50 @@
+"""The train-lfdn and train-diffusion commands end to end on a digits image list."""
+import numpy as np
+import pytest
+import torch
+
+from digits_net import digits_split, trained_digits_net, single_thread  # noqa: F401 (autouse)
+from openood_diffguard.cli import main
+from openood_diffguard.detectors.lfdn import LFDN
+from openood_diffguard.diffusion import load_unet
+
+
+@pytest.fixture(scope="module")
+def imglist(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("digits")
+    x, y, _, _ = digits_split()
+    lines = []
+    for i in range(120):
+        px = ((x[i, 0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(px, mode="L").save(root / f"{i}.png")
+        lines.append(f"{i}.png {int(y[i])}")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_train_lfdn_cli(imglist, tmp_path):
+    net = trained_digits_net()
+    torch.save(net.state_dict(), tmp_path / "clf.pt")
+    out = tmp_path / "lfdn.pt"
+    rc = main(["train-lfdn", "--imglist", str(imglist / "train.txt"), "--data-root", str(imglist),
+               "--network", "digits_net:TinyConvNet", "--classifier", str(tmp_path / "clf.pt"), "--num-classes", "6",
+               "--normalization", "unknown", "--image-size", "8", "--channels", "1", "--out", str(out),
+               "--width", "32", "--blocks", "1", "--epochs", "2", "--device", "cpu"])
+    assert rc == 0 and out.is_file()
+    det = LFDN(checkpoint=str(out))
+    det.setup(net)
+    x = digits_split()[2][:3]
+    assert det.predict(net, x)[1].shape == (3,)
+    with pytest.raises(ValueError, match="does not fit"):
+        main(["train-lfdn", "--imglist", str(imglist / "train.txt"), "--network", "digits_net:TinyConvNet",
+              "--classifier", str(tmp_path / "clf.pt"), "--num-classes", "10", "--out", str(out)])
+
+
+def test_train_diffusion_cli(imglist, tmp_path):
+    rc = main(["train-diffusion", "--imglist", str(imglist / "train.txt"), "--data-root", str(imglist),
+               "--preset", "tiny", "--channels", "1", "--sample-size", "8", "--steps", "2", "--batch-size", "8",
+               "--out", str(tmp_path / "unet"), "--device", "cpu"])
+    assert rc == 0
+    assert load_unet(tmp_path / "unet").num_classes == 6
