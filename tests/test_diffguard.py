@@ -219,3 +219,21 @@ def test_synthetic_separation_cfg_and_label_dependence(schedule):
         wrong = DiffGuard(model=known, **dict(det.params, label_mode="oracle"))
     conf_wrong = wrong.confidence(wrong.statistics(clf, x[:90], (y_id + 1) % 3))
     assert roc_auc_score([1] * 90 + [0] * 90, torch.cat([conf[:90], conf_wrong]).numpy()) > 0.9
+
+
+@pytest.mark.parametrize("preset", ["gdm_imagenet", "ldm_imagenet", "dit_imagenet", "cifar10"])
+def test_presets_are_complete_openood_ymls(preset):
+    import warnings
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "postprocessors" / f"diffguard_{preset}.yml").read_text())
+    pp = cfg["postprocessor"]
+    assert pp["name"] == DiffGuard.name and pp["APS_mode"] is False
+    args = pp["postprocessor_args"]
+    assert set(args) == set(DiffGuard.DEFAULTS), set(args) ^ set(DiffGuard.DEFAULTS)  # every hyperparameter, spelled out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det = DiffGuard(**args)  # valid combination
+    assert set(pp["postprocessor_sweep"]["similarity_list"]) <= set(det.params["similarities"])

@@ -41,11 +41,23 @@ _LEGACY_PSNR_PEAK = 255.0  # the official code's PSNR peak on [-1, 1] tensors
 _UNCOND = "diffusion_label"  # cond key that is never set: the diffusion model runs unconditionally
 
 
+def _load_ldm():
+    from ..diffusion import models
+
+    if not hasattr(models, "load_ldm"):
+        raise ImportError("model_type 'ldm' needs openood_diffguard.diffusion.models.load_ldm (the LDM converter); "
+                          "convert cin256-v2 with `openood-diffguard convert ldm` or pass model=CrossAttnUNetAdapter(...)")
+    return models.load_ldm
+
+
+_LOADERS = {"unet": lambda: load_unet, "dit": lambda: load_dit, "ldm": _load_ldm}
+
+
 class DiffGuard(Detector):
     name = "diffguard"
     DEFAULTS: dict[str, Any] = {
         # models and spaces
-        "model_type": "unet",  # unet (diffusers UNet2DModel dir) | dit (DiT pipeline dir); or pass model=adapter
+        "model_type": "unet",  # unet (UNet2DModel dir) | dit (DiT pipeline dir) | ldm (`convert ldm` dir); or model=adapter
         "model_path": None,  # local path only, never downloaded
         "num_classes": None,  # classifier classes (checked against the logits); None = any
         "normalization": "imagenet",  # OpenOOD normalization_type / dataset name
@@ -102,7 +114,7 @@ class DiffGuard(Detector):
     def _check_params(self) -> None:
         p = self.params
         choices = {"guidance": ("classifier", "cfg"), "reference": ("uncond", "input"), "label_mode": ("pred", "oracle"),
-                   "dtype": ("fp32", "bf16"), "model_type": ("unet", "dit"),
+                   "dtype": ("fp32", "bf16"), "model_type": ("unet", "dit", "ldm"),
                    "inversion_convention": ("source", "target")}
         for key, allowed in choices.items():
             if p[key] not in allowed:
@@ -146,7 +158,7 @@ class DiffGuard(Detector):
             if path is None:
                 raise ValueError("DiffGuard needs a diffusion model: set model_path (a local diffusers directory) "
                                  "or pass model=<DiffusionModel adapter>")
-            self.model = (load_unet if self.params["model_type"] == "unet" else load_dit)(path)
+            self.model = _LOADERS[self.params["model_type"]]()(path)
         if self.params["dtype"] == "bf16":
             self.model.autocast_dtype = torch.bfloat16
         if self.params["guidance"] == "cfg" and self.model.null_class is None:
