@@ -77,6 +77,7 @@ def _build_piq(kind: str, pretrained: bool, root: Path, generator: torch.Generat
     else:
         vgg, w = _vgg16_features(None), None
     layers = [VGG16_LAYERS[name] for name in _LAYERS]
+    vgg = vgg[: int(layers[-1]) + 1]  # drop pool5: never used, and it fails on images below 32 px
     if kind == "dists":
         if w is None:  # random positive alpha/beta summing to 1, so DISTS stays in [0, 1] like the real one
             ab = torch.rand(2, 1, sum(_DISTS_CHANNELS), 1, 1, generator=generator) + 0.1
