@@ -13,14 +13,7 @@ from openood_diffguard.similarity.logits import classifier_embedding, embedding_
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On the shared 2-core CI box two OpenMP threads spin against other processes (a 16x16 conv took
-    76 ms with 2 threads vs 0.7 ms with 1): run these small models single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def dists():

@@ -159,8 +159,7 @@ class DiffGuard(Detector):
                 raise ValueError("DiffGuard needs a diffusion model: set model_path (a local diffusers directory) "
                                  "or pass model=<DiffusionModel adapter>")
             self.model = _LOADERS[self.params["model_type"]]()(path)
-        if self.params["dtype"] == "bf16":
-            self.model.autocast_dtype = torch.bfloat16
+        self.model.autocast_dtype = torch.bfloat16 if self.params["dtype"] == "bf16" else None
         if self.params["guidance"] == "cfg" and self.model.null_class is None:
             raise ValueError("guidance 'cfg' needs a class-conditional diffusion model with a null class")
         return self.model
