@@ -30,8 +30,10 @@ class TinyNet(nn.Module):
 
 
 def _images(n, side=16, seed=0):
+    """Random images of decreasing contrast: their noisy states cross the PSNR threshold at different steps."""
     g = torch.Generator().manual_seed(seed)
-    return IMAGENET.from_unit(torch.rand(n, 3, side, side, generator=g))
+    contrast = torch.linspace(0.1, 1.0, n).view(n, 1, 1, 1)
+    return IMAGENET.from_unit(0.5 + (torch.rand(n, 3, side, side, generator=g) - 0.5) * contrast)
 
 
 
@@ -69,7 +71,7 @@ def tiny_dit(schedule):
 
 
 GDM = dict(num_steps=10, max_inversion_steps=8, diffusion_size=16, score_size=32, cutouts=2, aes_psnr_db=14.0,
-           aes_dists_sim=0.9, similarities=("dists", "lpips", "logits_l1"), pretrained_metrics=False)
+           aes_dists_sim=0.2, classifier_scale=300.0, similarities=("dists", "lpips", "logits_l1"), pretrained_metrics=False)
 
 
 def test_gdm_path_end_to_end_deterministic_and_batched_equals_single(tiny_unet):
@@ -83,7 +85,9 @@ def test_gdm_path_end_to_end_deterministic_and_batched_equals_single(tiny_unet):
     assert conf.shape == (3,) and torch.isfinite(conf).all()
     assert ((conf >= 0) & (conf <= 1)).all()  # 1 - DISTS
     assert (stats["sim_logits_l1"] <= 0).all() and (stats["sim_lpips"] <= 0).all()
+    assert len(set(stats["stop_index"].tolist())) > 1  # samples really stop at different steps
     assert (stats["stop_index"] >= 1).all() and (stats["stop_index"] <= 8).all()
+    assert (conf < 0.999).all()  # the guidance moved the synthesis away from the unguided twin
     again = det.statistics(net, x)
     for k in stats:
         torch.testing.assert_close(again[k], stats[k], rtol=0, atol=0)
@@ -110,6 +114,10 @@ def test_gdm_early_stop_rules(tiny_unet):
     legacy = DiffGuard(model=tiny_unet, **dict(base, aes_psnr_legacy=14.0 + 42.1442, aes_dists_sim=None)).statistics(net, x)
     modern = DiffGuard(model=tiny_unet, **dict(base, aes_dists_sim=None)).statistics(net, x)
     assert legacy["stop_index"].tolist() == modern["stop_index"].tolist()
+    dists_first = DiffGuard(model=tiny_unet, **dict(base, aes_psnr_db=None, aes_dists_sim=1.01)).statistics(net, x)
+    assert dists_first["stop_index"].tolist() == [1, 1]  # 1 - DISTS <= 1 < 1.01: the DISTS rule fires at once
+    dists_never = DiffGuard(model=tiny_unet, **dict(base, aes_psnr_db=None, aes_dists_sim=-1.0)).statistics(net, x)
+    assert dists_never["stop_index"].tolist() == [8, 8]
     ref_input = DiffGuard(model=tiny_unet, **dict(base, reference="input")).statistics(net, x)
     assert ref_input["sim_dists"].shape == (2,)
 
