@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from openood_diffguard.detectors.diffguard import DiffGuard
-from openood_diffguard.diffusion import DiTAdapter, LatentCodec, NoiseSchedule, UNetAdapter
+from openood_diffguard.diffusion import CrossAttnUNetAdapter, DiTAdapter, LatentCodec, NoiseSchedule, UNetAdapter
 from openood_diffguard.diffusion.analytic import GaussianMixtureModel
 from openood_diffguard.space import ImageSpace
 
@@ -70,6 +70,22 @@ def tiny_dit(schedule):
     return DiTAdapter(dit.eval(), schedule, codec=LatentCodec(vae.eval()))
 
 
+@pytest.fixture(scope="module")
+def tiny_ldm(schedule):
+    """cin256-v2-like: UNet2DConditionModel with a class-embedding table as cross-attention context, VQ codec."""
+    from diffusers import UNet2DConditionModel, VQModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=4, in_channels=3, out_channels=3, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=8, attention_head_dim=8)
+    vq = VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 8, 8),
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 layers_per_block=1, norm_num_groups=4, num_vq_embeddings=32, vq_embed_dim=3, sample_size=16)
+    return CrossAttnUNetAdapter(unet.eval(), nn.Embedding(6, 16), schedule, codec=LatentCodec(vq.eval()))
+
+
 GDM = dict(num_steps=10, max_inversion_steps=8, diffusion_size=16, score_size=32, cutouts=2, aes_psnr_db=14.0,
            aes_dists_sim=0.2, classifier_scale=300.0, similarities=("dists", "lpips", "logits_l1"), pretrained_metrics=False)
 
@@ -122,11 +138,13 @@ def test_gdm_early_stop_rules(tiny_unet):
     assert ref_input["sim_dists"].shape == (2,)
 
 
-def test_latent_dit_path_with_gradcam_mask(tiny_dit):
+@pytest.mark.parametrize("which", ["tiny_dit", "tiny_ldm"])
+def test_latent_path_with_gradcam_mask(which, request):
+    model = request.getfixturevalue(which)
     torch.manual_seed(0)
     net = TinyNet().eval()
     x = _images(2)
-    det = DiffGuard(model=tiny_dit, guidance="cfg", num_steps=4, steps_offset=1, inversion_convention="target",
+    det = DiffGuard(model=model, guidance="cfg", num_steps=4, steps_offset=1, inversion_convention="target",
                     cfg_scale=10.0, cam_cut=0.3, reference="input", diffusion_size=16, score_size=16,
                     similarities=("dists", "logits_l1"), pretrained_metrics=False, num_classes=5)
     stats = det.statistics(net, x)
@@ -135,7 +153,7 @@ def test_latent_dit_path_with_gradcam_mask(tiny_dit):
     assert stats["stop_index"].tolist() == [4, 4]  # full inversion
     torch.testing.assert_close(det.statistics(net, x)["sim_dists"], stats["sim_dists"], rtol=0, atol=0)
     # the mask matters: global CFG gives a different synthesis
-    glob = DiffGuard(model=tiny_dit, **dict(det.params, cam_cut=None)).statistics(net, x)
+    glob = DiffGuard(model=model, **dict(det.params, cam_cut=None)).statistics(net, x)
     assert not torch.allclose(glob["sim_dists"], stats["sim_dists"])
     clone = pickle.loads(pickle.dumps(det))
     assert clone.model is None and clone.params == det.params
@@ -219,6 +237,8 @@ def test_synthetic_separation_cfg_and_label_dependence(schedule):
     with pytest.warns(UserWarning, match="analysis only"):
         wrong = DiffGuard(model=known, **dict(det.params, label_mode="oracle"))
     conf_wrong = wrong.confidence(wrong.statistics(clf, x[:90], (y_id + 1) % 3))
+    mixed = wrong.statistics(clf, x[:4], torch.tensor([0, -1, 2, -1]))["guide_label"]  # GT for ID, random for OOD
+    assert mixed[0] == 0 and mixed[2] == 2 and ((mixed >= 0) & (mixed < 3)).all()
     assert roc_auc_score([1] * 90 + [0] * 90, torch.cat([conf[:90], conf_wrong]).numpy()) > 0.9
 
 
