@@ -139,3 +139,25 @@ def test_cutouts_reproduce_official_sequence_and_per_sample_steps():
     torch.testing.assert_close(up, F.interpolate(ref[1], 64), rtol=0, atol=0)
     with pytest.raises(ValueError):
         Cutouts(n=0)
+
+
+def test_classifier_guidance_clip_x0_keeps_raw_blend_for_the_classifier(linear_schedule):
+    from openood_diffguard.guidance import ClassifierGuidance
+
+    x = torch.full((2, 3, 2, 2), 0.9)
+    e = torch.full_like(x, -2.0)  # x0 = (x + 2 sqrt(1-a)) / sqrt(a) > 1: clipping matters
+    t = torch.tensor([500, 800])
+    seen = {}
+
+    def grad_fn(z, cond):
+        seen["z"] = z
+        return torch.ones_like(z)
+
+    guided = ClassifierGuidance(lambda *_: e, linear_schedule, grad_fn, scale=2.0, target="x0_blend", clip_x0=1.0)
+    out = guided(x, t, {})
+    a = linear_schedule.alpha_bar(t, like=x).view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+    f = (1 - a).sqrt()
+    torch.testing.assert_close(seen["z"], f * x0 + (1 - f) * x)  # classifier sees the unclipped x0 blend
+    expected = (x - a.sqrt() * x0.clamp(-1, 1)) / (1 - a).sqrt() - 2.0 * (1 - a).sqrt()
+    torch.testing.assert_close(out, expected)
