@@ -25,6 +25,7 @@ import warnings
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..diffusion import DDIM, DiffusionModel, load_dit, load_unet
 from ..diffusion.schedule import _bcast
@@ -333,10 +334,18 @@ class DiffGuard(Detector):
         return x_syn, inv.stop_index
 
     # ------------------------------------------------------------------ similarities
+    def _score_pixels(self, px: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] pixels -> [0, 1] at ``score_size``: resize first, then clamp (official postprocess order)."""
+        size = self.params["score_size"]
+        px = px.float()
+        if size is not None and tuple(px.shape[-2:]) != (size, size):
+            px = F.interpolate(px, size=(size, size), mode="bilinear", align_corners=False)
+        return px.clamp(-1, 1) * 0.5 + 0.5
+
     def _similarities(self, net, images, space, x_ref, x_syn, emb_in) -> dict[str, torch.Tensor]:
         names = self.params["similarities"]
-        ref_unit = space.to_unit(images).clamp(0, 1) if x_ref is None else x_ref.float().clamp(-1, 1) * 0.5 + 0.5
-        syn_unit = x_syn.float().clamp(-1, 1) * 0.5 + 0.5
+        ref_px = space.to_unit(images) * 2 - 1 if x_ref is None else x_ref
+        ref_unit, syn_unit = self._score_pixels(ref_px), self._score_pixels(x_syn)
         out = {}
         for kind in _PERCEPTUAL:
             if kind in names:
