@@ -11,3 +11,13 @@ def linear_schedule():
     from openood_diffguard.diffusion import NoiseSchedule
 
     return NoiseSchedule.from_config({"beta_schedule": "linear", "num_train_timesteps": 1000})
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's small models single-threaded: on the shared 2-core CI box two OpenMP threads spin
+    against other processes (a 16x16 conv measured 76 ms with 2 threads vs 0.7 ms with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

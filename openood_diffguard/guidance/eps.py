@@ -56,27 +56,32 @@ class ClassifierGuidance:
 
     ``target``: ``"xt"`` (classic, noise-aware classifier), ``"x0"`` (predicted clean image) or
     ``"x0_blend"`` (DiffGuard code: z = f x0 + (1 - f) x_t, f = sqrt(1 - alpha_bar_t)). The gradient is
-    taken w.r.t. z only: never back-propagated through the diffusion model.
+    taken w.r.t. z only: never back-propagated through the diffusion model. ``clip_x0``: the step uses the
+    eps consistent with x0 clamped to +-clip_x0 (guided-diffusion ``clip_denoised``) while z is still built
+    from the unclamped x0, as DiffGuard's ``cond_fn`` does.
     """
 
     TARGETS = ("xt", "x0", "x0_blend")
 
-    def __init__(self, eps_fn, schedule: NoiseSchedule, grad_fn: GradFn, scale: float = 1.0, target: str = "x0_blend") -> None:
+    def __init__(self, eps_fn, schedule: NoiseSchedule, grad_fn: GradFn, scale: float = 1.0, target: str = "x0_blend",
+                 clip_x0: float | None = None) -> None:
         if target not in self.TARGETS:
             raise ValueError(f"target must be one of {self.TARGETS}, got {target!r}")
         self.eps_fn, self.schedule, self.grad_fn = eps_fn, schedule, grad_fn
-        self.scale, self.target = float(scale), target
+        self.scale, self.target, self.clip_x0 = float(scale), target, clip_x0
 
     def __call__(self, x, t, cond):
         with torch.no_grad():
             eps = self.eps_fn(x, t, cond).float()
         a = _bcast(self.schedule.alpha_bar(t, like=eps), eps)
+        x0 = (x.float() - (1 - a).sqrt() * eps) / a.sqrt()
         if self.target == "xt":
             z = x.float()
         else:
-            x0 = (x.float() - (1 - a).sqrt() * eps) / a.sqrt()
             z = x0 if self.target == "x0" else (1 - a).sqrt() * x0 + (1 - (1 - a).sqrt()) * x.float()
         g = self.grad_fn(z.detach(), cond).float()
+        if self.clip_x0 is not None:
+            eps = (x.float() - a.sqrt() * x0.clamp(-self.clip_x0, self.clip_x0)) / (1 - a).sqrt()
         return eps - self.scale * (1 - a).sqrt() * g
 
 
