@@ -20,7 +20,7 @@ import re
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ def module_fingerprint(net: torch.nn.Module) -> str:
     for name, t in net.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -210,13 +210,34 @@ def loader_source(loader: Any) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
+class Scored(NamedTuple):
+    stats: dict[str, np.ndarray]  # detector statistics rows in loader order (NaN / -1 where not selected)
+    labels: np.ndarray
+    extras: dict[str, np.ndarray]  # per-sample outputs of ``batch_hook``, in loader order
+    selected: np.ndarray  # bool mask of samples that have statistics
+
+
+def _expand(found: np.ndarray, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows for all samples: found ones in place, the rest NaN (floats) or -1 (integers)."""
+    out = {}
+    for k, v in rows.items():
+        fill = np.nan if np.issubdtype(v.dtype, np.floating) else -1
+        full = np.full((found.size, *v.shape[1:]), fill, dtype=v.dtype if fill is np.nan else np.int64)
+        full[found] = v
+        out[k] = full
+    return out
+
+
 def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cache: ScoreCache | None = None,
                       progress: bool = True, device: torch.device | str | None = None,
-                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                      batch_hook: Callable[[torch.Tensor], tuple[Any, Mapping[str, Any]]] | None = None) -> Scored:
     """``detector.statistics`` over an OpenOOD loader, in loader order, computing only missing samples.
 
-    Under torchrun each rank computes the missing samples it owns (``distributed.owned``), rows are
-    exchanged after the pass, and every rank returns the full result. Returns (stats, labels).
+    ``batch_hook(data)`` (optional) runs on every batch (on ``device``) and returns ``(select, extras)``:
+    a bool mask of the samples that need statistics (None = all; e.g. a fusion cascade's routing) and
+    per-sample extras (e.g. a baseline's scores) computed in the same pass, so loaders that shuffle
+    cannot misalign them. Under torchrun each rank computes the missing samples it owns
+    (``distributed.owned``); rows are exchanged after the pass and every rank returns the full result.
     """
     from tqdm.auto import tqdm
 
@@ -229,13 +250,23 @@ def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cac
         device = next(net.parameters()).device
     all_keys: list[str] = []
     labels: list[np.ndarray] = []
+    selected: list[np.ndarray] = []
+    extras: dict[str, list[np.ndarray]] = {}
     new_chunks: list[dict[str, np.ndarray]] = []
     for batch in tqdm(loader, disable=not progress or rank != 0, desc=f"{detector.name} scoring"):
         keys = sample_keys(batch, source)
         all_keys.extend(keys)
         labels.append(_to_numpy(batch["label"]))
+        select = np.ones(len(keys), dtype=bool)
+        if batch_hook is not None:
+            mask, extra = batch_hook(batch["data"].to(device))
+            if mask is not None:
+                select = _to_numpy(mask).astype(bool)
+            for k, v in extra.items():
+                extras.setdefault(k, []).append(_to_numpy(v))
+        selected.append(select)
         found, _ = store.lookup(keys)
-        need = ~found & owned(keys, rank, world)
+        need = ~found & select & owned(keys, rank, world)
         if not need.any():
             continue
         sel = torch.from_numpy(np.nonzero(need)[0])
@@ -250,7 +281,11 @@ def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cac
             if r != rank:
                 for chunk in chunks:
                     store.add(chunk)
+    sel_all = np.concatenate(selected) if selected else np.zeros(0, dtype=bool)
     found, rows = store.lookup(all_keys)
-    if not found.all():
-        raise RuntimeError(f"score cache is missing {int((~found).sum())} of {len(all_keys)} samples after scoring")
-    return rows, np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)
+    if (sel_all & ~found).any():
+        raise RuntimeError(f"score cache is missing {int((sel_all & ~found).sum())} of {len(all_keys)} samples "
+                           "after scoring")
+    stats = {k: v for k, v in rows.items()} if found.all() else _expand(found, rows)
+    return Scored(stats, np.concatenate(labels) if labels else np.empty(0, dtype=np.int64),
+                  {k: np.concatenate(v) for k, v in extras.items()}, found)

@@ -9,6 +9,7 @@ from typing import Callable
 # name -> (module, help). Each module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
+    "eval": ("openood_diffguard.main", "run OpenOOD's main.py pipeline with our postprocessors registered"),
 }
 
 

@@ -43,11 +43,11 @@ def test_unreadable_chunk_is_skipped_with_warning(tmp_path):
 def test_cached_statistics_reuses_rows_and_cheap_params(tmp_path):
     net, det, data = tiny_net(), ToyDetector(), batches()
     cache = ScoreCache(tmp_path, namespace(det.cache_key(), module_fingerprint(net)))
-    stats, labels = cached_statistics(det, net, data, cache, progress=False)
+    stats, labels, _, _ = cached_statistics(det, net, data, cache, progress=False)
     assert det.scored == 20 and labels.shape == (20,)
     ref = torch.cat([net(b["data"]).max(1).values for b in data]).detach().numpy()
     np.testing.assert_allclose(stats["maxlogit"], ref, rtol=1e-6)
-    again, _ = cached_statistics(det, net, list(reversed(data)), cache, progress=False)  # other order
+    again, *_ = cached_statistics(det, net, list(reversed(data)), cache, progress=False)  # other order
     assert det.scored == 20  # nothing recomputed (OpenOOD's duplicate ID pass, APS grid points)
     np.testing.assert_allclose(again["maxlogit"][-6:], ref[:6], rtol=1e-6)  # rows follow loader order
     det.set_params(sign=-1.0)
@@ -102,7 +102,16 @@ def test_kill_9_resume_loses_nothing_and_recomputes_nothing(tmp_path):
     assert stored_before_kill <= survived < 60  # every row written before the kill survived
     assert not list(cache.dir.glob("chunk-*.tmp*"))
     det, net = ToyDetector(), tiny_net()
-    stats, _ = cached_statistics(det, net, batches(n=60, bs=5), cache, progress=False)
+    stats, *_ = cached_statistics(det, net, batches(n=60, bs=5), cache, progress=False)
     assert det.scored == 60 - survived  # resume computes only what is missing
     ref = torch.cat([net(b["data"]).max(1).values for b in batches(n=60, bs=5)]).detach().numpy()
     np.testing.assert_allclose(stats["maxlogit"], ref, rtol=1e-6)
+
+
+def test_batch_hook_selects_and_returns_extras(tmp_path):
+    net, det, data = tiny_net(), ToyDetector(), batches(n=12, bs=4)
+    hook = lambda x: (torch.arange(x.shape[0]) % 2 == 0, {"s": x.sum((1, 2, 3))})  # noqa: E731
+    out = cached_statistics(det, net, data, None, progress=False, batch_hook=hook)
+    assert det.scored == 6 and out.selected.tolist() == [True, False] * 6
+    assert np.isnan(out.stats["maxlogit"][1]) and out.stats["pred"][1] == -1 and not np.isnan(out.stats["maxlogit"][0])
+    np.testing.assert_allclose(out.extras["s"], torch.cat([b["data"].sum((1, 2, 3)) for b in data]).numpy(), rtol=1e-6)
