@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # everything after `eval` belongs to OpenOOD (--config, --network.checkpoint, ...): treat no "-" as an option
+    parser.prefix_chars = "+"
     parser.add_argument("openood_args", nargs=argparse.REMAINDER,
                         help="OpenOOD main.py arguments: --config a.yml b.yml ... [--key value ...]")
 
