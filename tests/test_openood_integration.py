@@ -277,3 +277,27 @@ def test_main_py_pipeline_through_launcher(bench, monkeypatch):
         m = ood_metrics(np.r_[id_t[1], s["conf"]], np.r_[id_t[2], s["label"]], np.r_[id_t[0], s["pred"]])
         got = [float(rows[name][k]) for k in ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")]
         np.testing.assert_allclose(got, np.round(np.array(m.as_openood()) * 100, 2), atol=0.0051)
+
+
+def test_knn_fusion_caches_train_features_and_pickles(bench):
+    pytest.importorskip("openood_diffguard.fusion")
+    from openood.evaluation_api import Evaluator
+    from openood_diffguard.openood import FusionPostprocessor
+
+    cfg = _fusion_config(bench)
+    cfg.postprocessor.postprocessor_args.baseline = "knn"
+    cfg.postprocessor.postprocessor_args.baseline_args = {"K": 3}
+    cfg.postprocessor.APS_mode = False
+    net = _net(bench)
+    ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), postprocessor=FusionPostprocessor(cfg),
+                   batch_size=16, num_workers=0)
+    loaders = ev.dataloader_dict
+    second = FusionPostprocessor(cfg)
+    calls = []
+    second.baseline.setup = lambda *a: calls.append(a)  # must not be needed: features come from the disk cache
+    second.setup(net, loaders["id"], loaders["ood"])
+    assert not calls and second.baseline.setup_flag
+    np.testing.assert_allclose(second.baseline.activation_log, ev.postprocessor.baseline.activation_log)
+    clone = pickle.loads(pickle.dumps(ev.postprocessor))  # the faiss index is rebuilt from the features
+    _, conf, _ = clone.baseline.inference(net, loaders["id"]["test"], progress=False)
+    np.testing.assert_allclose(conf, ev.postprocessor.baseline.inference(net, loaders["id"]["test"], False)[1])
