@@ -255,7 +255,19 @@ def test_vim_dim_larger_than_features_is_a_clear_error(bench):
         pp.setup(_net(bench), {"train": [], "val": []}, {"val": []})
 
 
-def test_main_py_pipeline_through_launcher(bench, monkeypatch):
+FUSION_YML = """postprocessor:
+  name: fusion
+  APS_mode: True
+  postprocessor_args: {{detector: toy, detector_args: {{steps: 5}}, baseline: ebo, rule: rank, cache_dir: {cache}}}
+  postprocessor_sweep: {{w_list: [0.2, 0.8]}}
+"""
+
+
+@pytest.mark.parametrize("pp_name", ["toy", "fusion"])
+def test_main_py_pipeline_through_launcher(bench, monkeypatch, pp_name):
+    if pp_name == "fusion":
+        pytest.importorskip("openood_diffguard.fusion")
+        (bench / "configs" / "postprocessors" / "fusion.yml").write_text(FUSION_YML.format(cache=bench / "cache"))
     from openood_diffguard.main import main
 
     monkeypatch.chdir(bench)
@@ -263,11 +275,11 @@ def test_main_py_pipeline_through_launcher(bench, monkeypatch):
     argv = ["--config", *(str(cfg / p) for p in ("datasets/cifar10/cifar10.yml", "datasets/cifar10/cifar10_ood.yml",
                                                    "networks/resnet18_32x32.yml", "pipelines/test/test_ood.yml",
                                                    "preprocessors/base_preprocessor.yml")),
-            str(bench / "configs" / "postprocessors" / "toy.yml"),
+            str(bench / "configs" / "postprocessors" / f"{pp_name}.yml"),
             "--network.checkpoint", str(bench / "best.ckpt"), "--merge_option", "merge", "--num_workers", "0",
             "--dataset.test.batch_size", "16", "--ood_dataset.batch_size", "16"]
     assert main(argv) == 0
-    out = next((bench / "results").rglob("ood.csv"))
+    out = next(p for p in (bench / "results").rglob("ood.csv") if f"_{pp_name}_" in str(p))
     rows = {r["dataset"]: r for r in csv.DictReader(out.open())}
     assert list(rows) == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "place365", "farood"]
     scores = {p.stem: np.load(p) for p in (out.parent / "scores").glob("*.npz")}
