@@ -40,6 +40,9 @@ def register_detector(name: str, target: str | type, overwrite: bool = False) ->
 
 
 def detector_class(name: str) -> type:
+    """Registered name, or a "module:Class" path (a user's own Detector subclass, no registration needed)."""
+    if name not in DETECTORS and ":" in str(name):
+        return load(name)
     if name not in DETECTORS:
         raise KeyError(f"unknown detector {name!r}; registered: {sorted(DETECTORS)}")
     target = DETECTORS[name]

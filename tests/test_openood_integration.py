@@ -4,6 +4,7 @@ OpenOOD's main.py pipeline through our launcher and the Evaluator, with our post
 of ours + OpenOOD's EBO. OpenOOD hard-codes ``.cuda()``: the CPU shim lives here, in the fixtures only.
 """
 import csv
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -313,3 +314,45 @@ def test_knn_fusion_caches_train_features_and_pickles(bench):
     clone = pickle.loads(pickle.dumps(ev.postprocessor))  # the faiss index is rebuilt from the features
     _, conf, _ = clone.baseline.inference(net, loaders["id"]["test"], progress=False)
     np.testing.assert_allclose(conf, ev.postprocessor.baseline.inference(net, loaders["id"]["test"], False)[1])
+
+
+SHIM = """import torch
+torch.Tensor.cuda = lambda self, *a, **k: self
+torch.nn.Module.cuda = lambda self, *a, **k: self
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_main_py(bench, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU): samples sharded, rank 0 writes the same csv as one process."""
+    import subprocess
+
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "sitecustomize.py").write_text(SHIM)  # CPU shim for the child processes only
+    (bench / "configs" / "postprocessors" / "toy_tr.yml").write_text(
+        (bench / "configs" / "postprocessors" / "toy.yml").read_text()  # the Detector given as module:Class
+        .replace("name: toy", "name: toy_tr").replace("steps: 3", "steps: 3\n    detector: ood_toys:ToyDetector")
+        .replace(str(bench / "cache"), str(tmp_path / "cache")))
+    cfg = OPENOOD_ROOT / "configs"
+    argv = ["--config", *(str(cfg / p) for p in ("datasets/cifar10/cifar10.yml", "datasets/cifar10/cifar10_ood.yml",
+                                                   "networks/resnet18_32x32.yml", "pipelines/test/test_ood.yml",
+                                                   "preprocessors/base_preprocessor.yml")),
+            str(bench / "configs" / "postprocessors" / "toy_tr.yml"), "--network.checkpoint", str(bench / "best.ckpt"),
+            "--merge_option", "merge", "--num_workers", "0", "--mark", "torchrun"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(Path(__file__).parent.parent),
+                                                        str(Path(__file__).parent)]),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "openood_diffguard.main", *argv], cwd=bench, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    out = next(p for p in (bench / "results").rglob("ood.csv") if "_torchrun/" in str(p))
+    rows = list(csv.DictReader(out.open()))
+    assert [r["dataset"] for r in rows] == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "place365",
+                                            "farood"]  # written once (rank 0 only)
+    from openood_diffguard.cache import ScoreCache
+
+    ns = next((tmp_path / "cache").iterdir())
+    files = list(ns.glob("chunk-*.npz"))
+    assert len({f.name.split("-")[1] for f in files}) == 2  # chunks written by two processes (pids)
+    assert len(ScoreCache(tmp_path / "cache", ns.name)) == 6 + 6 + 10 + 24  # every sample exactly once

@@ -21,5 +21,6 @@ def test_lazy_table_and_toy_registration(monkeypatch):
     registry.register_detector("broken", "openood_diffguard.no_such_module:X")
     with pytest.raises(ImportError, match="broken"):
         registry.detector_class("broken")
+    assert registry.detector_class("ood_toys:ToyDetector") is ToyDetector  # unregistered module:Class path
     with pytest.raises(ValueError, match="module:Attr"):
         registry.load("no_colon")

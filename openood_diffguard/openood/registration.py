@@ -47,7 +47,7 @@ def class_for(pp: dict) -> Any:
     name, args = pp.get("name"), pp.get("postprocessor_args") or {}
     if name in POSTPROCESSORS:
         return load(POSTPROCESSORS[name])
-    if name in packaged_configs() or name in DETECTORS:
+    if name in packaged_configs() or name in DETECTORS or "detector" in args:
         key = "fusion" if "baseline" in args else "detector"
         return load(POSTPROCESSORS[key])
     return None
