@@ -38,7 +38,7 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
 def _run_pipeline(config) -> None:
     from .openood import register
 
-    register()  # again: mp.spawn children import fresh modules
+    register(evaluator=False)  # again: mp.spawn children import fresh modules
     from openood.pipelines import get_pipeline
 
     get_pipeline(config).run()
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .distributed import init_from_env
     from .openood import register
 
-    register()
+    register(evaluator=False)  # main.py needs no Evaluator (whose imports add timm / foolbox / pandas)
     from openood.utils import launch, setup_config
 
     argv = resolve_config_args(list(sys.argv[1:] if argv is None else argv))
