@@ -1,0 +1,385 @@
+"""OpenOOD postprocessors around our detectors (subclasses of OpenOOD's real ``BasePostprocessor``).
+
+Importing this module imports OpenOOD (ImportError with the install command if it is missing).
+
+yml (``configs/postprocessors/<name>.yml``)::
+
+    postprocessor:
+      name: diffnb
+      APS_mode: False
+      postprocessor_args:      # detector parameters, plus the wrapper's own keys below
+        timesteps: [300]
+        cache_dir: null        # null: $OPENOOD_DIFFGUARD_CACHE or ~/.cache/openood_diffguard
+      postprocessor_sweep:     # <param>_list, values tried by APS in key order (cheap params re-score the cache)
+        aggregate_list: [mean, max]
+
+Wrapper keys in ``postprocessor_args``: ``detector`` (registered detector name; default: the class's,
+else ``postprocessor.name``), ``cache_dir``, ``cache`` (False: keep scores in memory only).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+
+from . import require_openood
+
+require_openood()
+from openood.postprocessors import BasePostprocessor  # noqa: E402
+from openood.utils import Config  # noqa: E402
+
+from ..cache import ScoreCache, cached_statistics, default_cache_root, module_fingerprint, namespace  # noqa: E402
+from ..registry import detector_class  # noqa: E402
+
+WRAPPER_KEYS = ("detector", "cache_dir", "cache")
+
+
+def plain(obj: Any) -> Any:
+    """OpenOOD ``Config`` (dict subclass with attribute access) -> plain dicts/lists, recursively."""
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def _section(config: Any, key: str) -> dict:
+    """``config[key]`` as a dict; OpenOOD's Config returns None for missing attributes, so test membership."""
+    return plain(config[key]) if key in config and config[key] is not None else {}
+
+
+def dataset_normalization(config: Any) -> str | None:
+    """normalisation key from a (merged or Evaluator) config: normalization_type, else dataset.name."""
+    ds = _section(config, "dataset")
+    return ds.get("normalization_type") or ds.get("name")
+
+
+def sweep_parameters(sweep: Mapping[str, Any], allowed: Mapping[str, Any], owner: str) -> list[str]:
+    """Parameter names of the sweep keys (``<param>_list`` or ``<param>``), in key order."""
+    names = []
+    for key in sweep:
+        name = key[:-5] if key.endswith("_list") and key[:-5] in allowed else key
+        if name not in allowed:
+            raise KeyError(f"{owner}: postprocessor_sweep key {key!r} names no parameter; sweepable: "
+                           f"{sorted(f'{p}_list' for p in allowed)}")
+        names.append(name)
+    return names
+
+
+def _aps_flags(pp: Mapping[str, Any], sweep: Mapping[str, Any], owner: str) -> bool:
+    aps = bool(pp.get("APS_mode", False))
+    if aps and not sweep:
+        # OpenOOD's Evaluator recurses forever on an empty grid: refuse early, with the fix
+        raise ValueError(f"{owner}: APS_mode is True but postprocessor_sweep is empty; add <param>_list "
+                         "entries or set APS_mode: False")
+    if aps and any(not isinstance(v, (list, tuple)) or not v for v in sweep.values()):
+        raise ValueError(f"{owner}: every postprocessor_sweep entry must be a non-empty list, got {sweep}")
+    return aps
+
+
+class DetectorPostprocessor(BasePostprocessor):
+    """Any registered ``Detector`` as an OpenOOD postprocessor, with the per-sample score cache."""
+
+    #: registered detector name (None: ``postprocessor_args.detector`` or ``postprocessor.name``)
+    detector_name: ClassVar[str | None] = None
+
+    def __init__(self, config: Any, detector: Any = None) -> None:
+        super().__init__(config)
+        pp = _section(config, "postprocessor")
+        args = dict(pp.get("postprocessor_args") or {})
+        wrapper = {k: args.pop(k) for k in WRAPPER_KEYS if k in args}
+        name = wrapper.get("detector") or self.detector_name or pp.get("name")
+        if detector is None:
+            cls = detector_class(name)
+            if "normalization" in cls.DEFAULTS and args.get("normalization") is None:
+                norm = dataset_normalization(config)
+                if norm is not None:
+                    args["normalization"] = norm
+            detector = cls(**args)
+        self.detector = detector
+        self.cache_dir = wrapper.get("cache_dir")
+        self.use_disk_cache = bool(wrapper.get("cache", True))
+        self.args_dict = dict(pp.get("postprocessor_sweep") or {})
+        self._sweep = sweep_parameters(self.args_dict, self.detector.params, type(self).__name__)
+        expensive = [p for p in self._sweep if p not in self.detector.cheap_params]
+        if expensive:
+            warnings.warn(f"{type(self).__name__}: sweeping expensive parameter(s) {expensive}: every grid point "
+                          "re-runs the detector (cached separately); only cheap parameters "
+                          f"{list(self.detector.cheap_params)} re-score cached statistics")
+        # the Evaluator's by-name factory sets these, main.py and passed objects do not (AttributeError)
+        self.APS_mode = _aps_flags(pp, self.args_dict, type(self).__name__)
+        self.hyperparam_search_done = False
+        self.setup_flag = False
+        self._transient()
+
+    def _transient(self) -> None:
+        self._stores: dict[str, ScoreCache] = {}
+        self._fingerprints: dict[int, str] = {}
+        self._setup_for: int | None = None
+
+    # ------------------------------------------------------------------ OpenOOD hooks
+    def setup(self, net: torch.nn.Module, id_loader_dict: Any, ood_loader_dict: Any) -> None:
+        if self._setup_for == id(net):
+            return
+        net.eval()  # neither OpenOOD path calls eval() before setup
+        self.detector.setup(net, id_loader_dict, ood_loader_dict)
+        self._setup_for = id(net)
+        self.setup_flag = True
+
+    @property
+    def needs_grad(self) -> bool:
+        return bool(getattr(self.detector, "needs_grad", True))
+
+    def postprocess(self, net: torch.nn.Module, data: torch.Tensor):  # no @no_grad: guidance needs gradients
+        with torch.set_grad_enabled(self.needs_grad):
+            stats = self.detector.statistics(net, data, None)
+        return torch.as_tensor(stats["pred"]), torch.as_tensor(self.detector.confidence(stats)).detach()
+
+    def scored(self, net: torch.nn.Module, loader: Any, progress: bool = True, batch_hook: Any = None):
+        """Cached statistics of a loader (see ``cache.cached_statistics``)."""
+        with torch.set_grad_enabled(self.needs_grad):
+            return cached_statistics(self.detector, net, loader, self.store(net), progress, batch_hook=batch_hook)
+
+    def confidence(self, stats: Mapping[str, np.ndarray]) -> np.ndarray:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.items()}
+        return torch.as_tensor(self.detector.confidence(tensors)).detach().cpu().numpy()
+
+    def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True):
+        out = self.scored(net, data_loader, progress)
+        return out.stats["pred"].astype(int), self.confidence(out.stats), out.labels.astype(int)
+
+    # ------------------------------------------------------------------ cache
+    def store(self, net: torch.nn.Module) -> ScoreCache:
+        """Score store of the detector's current expensive parameters and this classifier."""
+        if id(net) not in self._fingerprints:
+            self._fingerprints[id(net)] = module_fingerprint(net)
+        ns = namespace(self.detector.cache_key(), self._fingerprints[id(net)])
+        if ns not in self._stores:
+            root = (Path(self.cache_dir) if self.cache_dir else default_cache_root()) if self.use_disk_cache else None
+            self._stores[ns] = ScoreCache(root, ns)
+        return self._stores[ns]
+
+    # ------------------------------------------------------------------ APS
+    def set_hyperparam(self, hyperparam: list) -> None:
+        if len(hyperparam) != len(self._sweep):
+            raise ValueError(f"expected {len(self._sweep)} values for {self._sweep}, got {hyperparam}")
+        self.detector.set_params(**dict(zip(self._sweep, hyperparam)))
+
+    def get_hyperparam(self) -> list:
+        return [self.detector.params[p] for p in self._sweep]
+
+    # ------------------------------------------------------------------ pickling (scripts/eval_ood.py)
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # the detector drops its heavy models in its own __getstate__
+        for k in ("_stores", "_fingerprints", "_setup_for"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._transient()  # setup() runs again after unpickling and reloads the models
+
+
+class DiffGuardPostprocessor(DetectorPostprocessor):
+    detector_name = "diffguard"
+
+
+class DiffNBPostprocessor(DetectorPostprocessor):
+    detector_name = "diffnb"
+
+
+class LFDNPostprocessor(DetectorPostprocessor):
+    detector_name = "lfdn"
+
+
+# ---------------------------------------------------------------------- fusion with OpenOOD baselines
+#: baseline -> its stock OpenOOD arguments (ViM: [256] only, 1000 exceeds ResNet18's 512-d features)
+BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ebo": {"temperature": 1}, "knn": {"K": 50}, "vim": {"dim": 256}, "mls": {},
+}
+FUSION_KEYS = ("detector", "detector_args", "baseline", "baseline_args", "rule", "rule_args", "cache_dir", "cache")
+
+
+def _score_fusion_class() -> Any:
+    try:
+        from ..fusion import ScoreFusion
+    except ImportError as err:
+        raise ImportError(f"FusionPostprocessor needs openood_diffguard.fusion (ScoreFusion): {err}") from err
+    return ScoreFusion
+
+
+def openood_postprocessor(name: str, args: Mapping[str, Any], dataset: Mapping[str, Any]) -> Any:
+    """One of OpenOOD's own postprocessors, built by its own (main.py) factory from a small Config."""
+    from openood.postprocessors import utils as pp_utils
+
+    cfg = Config({"postprocessor": {"name": name, "APS_mode": False, "postprocessor_args": dict(args),
+                                    "postprocessor_sweep": {f"{k}_list": [v] for k, v in args.items()}},
+                  "dataset": dict(dataset)})
+    factory = getattr(pp_utils.get_postprocessor, "openood_original", pp_utils.get_postprocessor)
+    return factory(cfg)
+
+
+class FusionPostprocessor(BasePostprocessor):
+    """Our detector fused with one of OpenOOD's ebo / knn / vim / mls postprocessors (methods.md §5).
+
+    The baseline runs on every sample (cheap); our detector only where the fusion rule needs it (the
+    cascade routes), with its statistics cached. Calibration (ECDFs) uses ID ``val`` only, never the
+    augmented ``main.py`` train loader; rules fitted on OOD-val (logistic) also read ``ood['val']``.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        pp = _section(config, "postprocessor")
+        args = dict(pp.get("postprocessor_args") or {})
+        unknown = set(args) - set(FUSION_KEYS)
+        if unknown:
+            raise TypeError(f"FusionPostprocessor: unknown postprocessor_args {sorted(unknown)}; allowed: {FUSION_KEYS}")
+        if "detector" not in args:
+            raise KeyError("FusionPostprocessor: set postprocessor_args.detector (e.g. diffguard)")
+        self.baseline_name = args.get("baseline", "ebo")
+        if self.baseline_name not in BASELINE_DEFAULTS:
+            raise ValueError(f"fusion baseline must be one of {sorted(BASELINE_DEFAULTS)}, got {self.baseline_name!r}")
+        self.baseline_args = {**BASELINE_DEFAULTS[self.baseline_name], **(args.get("baseline_args") or {})}
+        dataset = _section(config, "dataset")
+        self.baseline = openood_postprocessor(self.baseline_name, self.baseline_args, dataset)
+        det_cfg = {"postprocessor": {"name": args["detector"], "APS_mode": False, "postprocessor_args": {
+            **(args.get("detector_args") or {}), "detector": args["detector"],
+            **{k: args[k] for k in ("cache_dir", "cache") if k in args}}}, "dataset": dataset}
+        self.diffusion = DetectorPostprocessor(Config(det_cfg))
+        self.fusion = _score_fusion_class()(args.get("rule", "rank"), **(args.get("rule_args") or {}))
+        self.args_dict = dict(pp.get("postprocessor_sweep") or {})
+        allowed = {**self.fusion.get_params(), **{p: None for p in self.diffusion.detector.cheap_params}}
+        self._sweep = sweep_parameters(self.args_dict, allowed, "FusionPostprocessor")
+        self.APS_mode = _aps_flags(pp, self.args_dict, "FusionPostprocessor")
+        self.hyperparam_search_done = False
+        self.setup_flag = False
+        self._fit_for: int | None = None
+        self._calibration_data: tuple | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _check_vim(self, net: torch.nn.Module) -> None:
+        w, _ = net.get_fc()
+        dims = [self.baseline_args["dim"]]
+        if dims[0] >= w.shape[1]:
+            raise ValueError(f"ViM dim={dims[0]} must be smaller than the network's feature size {w.shape[1]} "
+                             f"(the principal subspace would swallow all features); use baseline_args.dim, e.g. 256")
+
+    def _knn_cache_file(self, net: torch.nn.Module, loader: Any) -> Path:
+        from ..cache import loader_source
+
+        key = json.dumps([module_fingerprint(net), loader_source(loader), len(getattr(loader, "dataset", []))])
+        root = Path(self.diffusion.cache_dir) if self.diffusion.cache_dir else default_cache_root()
+        return root / "knn_features" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+
+    def _setup_baseline(self, net: torch.nn.Module, id_loader_dict: Any, ood_loader_dict: Any) -> None:
+        if getattr(self.baseline, "setup_flag", False):
+            return
+        if self.baseline_name == "vim":
+            self._check_vim(net)
+        if self.baseline_name == "knn" and self.diffusion.use_disk_cache:
+            # KNN's setup re-extracts every ID train feature: keep them on disk per (net, train set)
+            path = self._knn_cache_file(net, id_loader_dict["train"])
+            if path.is_file():
+                self._restore_knn(np.load(path, allow_pickle=False))
+                return
+            self.baseline.setup(net, id_loader_dict, ood_loader_dict)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, self.baseline.activation_log)
+            tmp.replace(path)
+            return
+        self.baseline.setup(net, id_loader_dict, ood_loader_dict)
+
+    def _restore_knn(self, features: np.ndarray) -> None:
+        import faiss
+
+        self.baseline.activation_log = np.ascontiguousarray(features, dtype=np.float32)
+        self.baseline.index = faiss.IndexFlatL2(features.shape[1])
+        self.baseline.index.add(self.baseline.activation_log)
+        self.baseline.setup_flag = True
+
+    def setup(self, net: torch.nn.Module, id_loader_dict: Any, ood_loader_dict: Any) -> None:
+        net.eval()
+        self.diffusion.setup(net, id_loader_dict, ood_loader_dict)
+        self._setup_baseline(net, id_loader_dict, ood_loader_dict)
+        if self._fit_for != id(net):
+            self._calibration_data = (net, id_loader_dict["val"], ood_loader_dict["val"])
+            self._calibrate()
+            self._fit_for = id(net)
+        self.setup_flag = True
+
+    def _calibrate(self) -> None:
+        """Fit the fusion on ID-val scores (plus OOD-val for rules that need it); cached, so cheap to redo."""
+        net, id_val, ood_val = self._calibration_data
+        pick = lambda s: {"baseline": s["baseline"], "diffusion": s["diffusion"]}  # noqa: E731
+        id_scores = pick(self._scores(net, id_val, route=False))
+        ood_scores = pick(self._scores(net, ood_val, route=False)) if self.fusion.uses_ood_val else None
+        self.fusion.fit(id_scores, ood_scores)
+
+    # ------------------------------------------------------------------ scoring
+    def _baseline_batch(self, net: torch.nn.Module, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            pred, conf = self.baseline.postprocess(net, data)
+        return torch.as_tensor(pred).cpu(), torch.as_tensor(conf).float().cpu()
+
+    def _scores(self, net: torch.nn.Module, loader: Any, route: bool = True, progress: bool = True) -> dict:
+        """One pass: baseline on every batch, diffusion statistics where routed (cached)."""
+        def hook(data: torch.Tensor):
+            pred, b = self._baseline_batch(net, data)
+            mask = self.fusion.route(b.numpy()) if route and self.fusion.is_fitted else None
+            return mask, {"baseline": b, "pred": pred}
+
+        out = self.diffusion.scored(net, loader, progress, batch_hook=hook)
+        d = np.full(out.labels.shape, np.nan)
+        if out.selected.any():
+            d[out.selected] = self.diffusion.confidence({k: v[out.selected] for k, v in out.stats.items()})
+        return {"baseline": out.extras["baseline"], "diffusion": d, "pred": out.extras["pred"],
+                "label": out.labels, "selected": out.selected}
+
+    def postprocess(self, net: torch.nn.Module, data: torch.Tensor):
+        pred, b = self._baseline_batch(net, data)
+        _, d = self.diffusion.postprocess(net, data)
+        return pred, torch.as_tensor(self.fusion({"baseline": b.numpy(), "diffusion": d.cpu().numpy()}))
+
+    def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True):
+        s = self._scores(net, data_loader, progress=progress)
+        conf = np.asarray(self.fusion({"baseline": s["baseline"], "diffusion": s["diffusion"]}), dtype=np.float64)
+        return s["pred"].astype(int), conf, s["label"].astype(int)
+
+    # ------------------------------------------------------------------ APS
+    def set_hyperparam(self, hyperparam: list) -> None:
+        if len(hyperparam) != len(self._sweep):
+            raise ValueError(f"expected {len(self._sweep)} values for {self._sweep}, got {hyperparam}")
+        values = dict(zip(self._sweep, hyperparam))
+        rule = {k: v for k, v in values.items() if k in self.fusion.get_params()}
+        det = {k: v for k, v in values.items() if k not in rule}
+        if rule:
+            self.fusion.set_params(**rule)
+        if det:
+            self.diffusion.detector.set_params(**det)
+            if self._fit_for is not None:  # the detector's scores changed: refit the calibration (cached rows)
+                self._calibrate()
+
+    def get_hyperparam(self) -> list:
+        params = {**self.diffusion.detector.params, **self.fusion.get_params()}
+        return [params[p] for p in self._sweep]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["baseline"] = copy.copy(self.baseline)
+        if self.baseline_name == "knn":  # faiss indexes do not pickle: rebuilt from the stored features
+            state["baseline"].__dict__.pop("index", None)
+        state["_fit_for"] = None  # setup() refits after unpickling (from cached rows)
+        state.pop("_calibration_data", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.baseline_name == "knn" and getattr(self.baseline, "activation_log", None) is not None:
+            self._restore_knn(self.baseline.activation_log)

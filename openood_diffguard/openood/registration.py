@@ -1,0 +1,139 @@
+"""Teach OpenOOD our postprocessor names (it has no plugin mechanism; see openood-interface.md §4).
+
+``register()`` (idempotent) replaces every module-level binding of OpenOOD's ``get_postprocessor``
+(``openood.postprocessors``, ``openood.postprocessors.utils`` and each pipeline that imported it) with a
+factory that serves our names and delegates everything else, adds our names to the Evaluator's table and
+swaps the Evaluator's factory for one that reads our yml from ``config_root`` or, if absent there, from
+this package, so OpenOOD never tries to download a config for our names.
+"""
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import require_openood
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "postprocessors"
+_MARK = "openood_diffguard_patched"
+
+
+@lru_cache(maxsize=None)
+def packaged_configs() -> dict[str, Path]:
+    """Our yml presets shipped in the package: name (file stem) -> path."""
+    return {p.stem: p for p in sorted(PACKAGE_CONFIGS.glob("*.yml"))}
+
+
+def postprocessor_config(name: str, config_root: str | Path | None = None) -> Path:
+    """yml of one of our names: ``<config_root>/postprocessors/<name>.yml`` if present, else the packaged one."""
+    if config_root is not None:
+        user = Path(config_root) / "postprocessors" / f"{name}.yml"
+        if user.is_file():
+            return user
+    if name in packaged_configs():
+        return packaged_configs()[name]
+    raise FileNotFoundError(f"no config for postprocessor {name!r}: put it at "
+                            f"{Path(config_root or '.') / 'postprocessors' / (name + '.yml')}; packaged: "
+                            f"{sorted(packaged_configs())}")
+
+
+def class_for(pp: dict) -> Any:
+    """Our postprocessor class for a ``postprocessor`` config section, or None if the name is not ours."""
+    from ..registry import DETECTORS, POSTPROCESSORS, load
+
+    name, args = pp.get("name"), pp.get("postprocessor_args") or {}
+    if name in POSTPROCESSORS:
+        return load(POSTPROCESSORS[name])
+    if name in packaged_configs() or name in DETECTORS or "detector" in args:
+        key = "fusion" if "baseline" in args else "detector"
+        return load(POSTPROCESSORS[key])
+    return None
+
+
+def our_names() -> list[str]:
+    from ..registry import DETECTORS, POSTPROCESSORS
+
+    return sorted(set(POSTPROCESSORS) | set(DETECTORS) | set(packaged_configs()))
+
+
+def build_postprocessor(config: Any) -> Any:
+    """main.py-style factory: a merged OpenOOD config -> our postprocessor (None if the name is not ours)."""
+    pp = dict(config["postprocessor"]) if "postprocessor" in config and config["postprocessor"] else {}
+    cls = class_for(pp)
+    return None if cls is None else cls(config)
+
+
+def _patched_main_factory(original: Callable) -> Callable:
+    def get_postprocessor(config):
+        pp = build_postprocessor(config)
+        return original(config) if pp is None else pp
+
+    get_postprocessor.openood_original = original
+    setattr(get_postprocessor, _MARK, True)
+    return get_postprocessor
+
+
+def _patched_evaluator_factory(original: Callable) -> Callable:
+    def get_postprocessor(config_root: str, postprocessor_name: str, id_data_name: str):
+        if postprocessor_name not in our_names():
+            return original(config_root, postprocessor_name, id_data_name)
+        from openood.utils.config import Config, merge_configs
+
+        config = Config(str(postprocessor_config(postprocessor_name, config_root)))  # never downloaded
+        config = merge_configs(config, Config(**{"dataset": {"name": id_data_name}}))
+        pp = build_postprocessor(config)
+        pp.APS_mode = bool(config.postprocessor.APS_mode) and pp.APS_mode
+        pp.hyperparam_search_done = False
+        return pp
+
+    get_postprocessor.openood_original = original
+    setattr(get_postprocessor, _MARK, True)
+    return get_postprocessor
+
+
+def _unwrap(fn: Callable) -> Callable:
+    return getattr(fn, "openood_original", fn)
+
+
+def register(evaluator: bool = True) -> list[str]:
+    """Patch OpenOOD (idempotent). Returns the module attributes that now point at our factories."""
+    require_openood()
+    import openood.pipelines  # noqa: F401  (imports every pipeline module, i.e. every binding)
+    import openood.postprocessors.utils as pp_utils
+
+    original = _unwrap(pp_utils.get_postprocessor)
+    factory = _patched_main_factory(original)
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("openood.") or module is None:
+            continue
+        current = getattr(module, "get_postprocessor", None)
+        if current is original or getattr(current, _MARK, False) and _unwrap(current) is original:
+            setattr(module, "get_postprocessor", factory)
+            patched.append(f"{name}.get_postprocessor")
+    if evaluator:
+        patched += _register_evaluator()
+    return patched
+
+
+def _register_evaluator() -> list[str]:
+    try:
+        import openood.evaluation_api.evaluator as ev_mod
+        import openood.evaluation_api.postprocessor as ev_pp
+    except ImportError as err:  # pandas / gdown / timm / foolbox are needed by the Evaluator only
+        raise ImportError(f"OpenOOD's Evaluator could not be imported ({err}); install pandas gdown timm foolbox") from err
+    for name in our_names():
+        path = packaged_configs().get(name)
+        pp = yaml.safe_load(path.read_text())["postprocessor"] if path else {"name": name}
+        cls = class_for({**pp, "name": name})
+        if cls is not None:
+            ev_pp.postprocessors[name] = cls
+    original = _unwrap(ev_pp.get_postprocessor)
+    factory = _patched_evaluator_factory(original)
+    ev_pp.get_postprocessor = factory
+    ev_mod.get_postprocessor = factory
+    return ["openood.evaluation_api.postprocessor.get_postprocessor",
+            "openood.evaluation_api.evaluator.get_postprocessor", "openood.evaluation_api.postprocessor.postprocessors"]

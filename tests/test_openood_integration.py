@@ -1,0 +1,358 @@
+"""Against a real OpenOOD checkout (skipped when ``import openood`` fails): tiny image-list benchmark on
+disk (scikit-learn digits as PNGs, OpenOOD's folder/imglist layout), a tiny ResNet18_32x32 checkpoint,
+OpenOOD's main.py pipeline through our launcher and the Evaluator, with our postprocessor and a fusion
+of ours + OpenOOD's EBO. OpenOOD hard-codes ``.cuda()``: the CPU shim lives here, in the fixtures only.
+"""
+import csv
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.openood
+openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
+
+from ood_toys import ToyDetector  # noqa: E402
+from openood_diffguard import registry  # noqa: E402
+from openood_diffguard.metrics import benchmark_table, ood_metrics  # noqa: E402
+
+OPENOOD_ROOT = Path(openood.__file__).resolve().parent.parent
+OOD_SETS = {"near": ["cifar100", "tin"], "far": ["mnist", "svhn", "texture", "places365"]}
+
+
+@pytest.fixture(autouse=True)
+def cpu_shim(monkeypatch):
+    """OpenOOD calls .cuda() on tensors and nets in many places: make it a no-op on this CPU machine."""
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(registry, "DETECTORS", {**registry.DETECTORS, "toy": ToyDetector})
+    # main.py's setup_logger swaps sys.stdout for a Logger that closes its console (pytest's capture) on __del__
+    from openood.utils import logger
+
+    monkeypatch.setattr(logger.Logger, "__del__", lambda self: None)
+    stdout = sys.stdout
+    yield
+    sys.stdout = stdout
+
+
+def _write_images(folder: Path, images: np.ndarray) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+        names.append(f"{folder.parent.name}/{folder.name}/{i:03d}.png")
+    return names
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """data/{images_classic,benchmark_imglist} for cifar10 with digits images; returns the root."""
+    from sklearn.datasets import load_digits
+    from openood.networks import ResNet18_32x32
+
+    root = tmp_path_factory.mktemp("openood_bench")
+    digits = load_digits()
+    up = np.kron(digits.images / 16.0, np.ones((4, 4)))  # 8x8 -> 32x32
+    rgb = (np.stack([up] * 3, -1) * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    classic, lists = root / "data" / "images_classic", root / "data" / "benchmark_imglist" / "cifar10"
+    lists.mkdir(parents=True)
+
+    def imglist(name, names, labels):
+        (lists / f"{name}.txt").write_text("".join(f"{n} {int(l)}\n" for n, l in zip(names, labels)))
+
+    for split, sl in {"train": slice(0, 10), "val": slice(30, 36), "test": slice(40, 50)}.items():
+        names = _write_images(classic / "cifar10" / split, rgb[sl])
+        imglist(f"{split}_cifar10", names, digits.target[sl])
+    imglist("test_cifar10c", names[:4], digits.target[40:44])
+    ood_images = {  # real digits, transformed away from the ID look, plus noise / stripes
+        "tin": 255 - rgb[100:104], "cifar100": np.roll(rgb[110:114], 8, axis=2),
+        "mnist": rgb[120:124, ::-1], "svhn": (rng.random((4, 32, 32, 3)) * 255).astype(np.uint8),
+        "texture": np.tile((np.arange(32) % 4 < 2)[None, :, None, None] * 255, (4, 1, 32, 3)).astype(np.uint8),
+        "places365": (rgb[130:134] * 0.5 + 64).astype(np.uint8),
+    }
+    for name, ims in ood_images.items():
+        names = _write_images(classic / name / "test", ims)
+        imglist(f"test_{name}", names, -np.ones(len(names)))
+    imglist("val_tin", _write_images(classic / "tin" / "val", 255 - rgb[140:146]), -np.ones(6))
+    torch.manual_seed(0)
+    torch.save(ResNet18_32x32(num_classes=10).state_dict(), root / "best.ckpt")
+    (root / "configs" / "postprocessors").mkdir(parents=True)
+    (root / "configs" / "postprocessors" / "toy.yml").write_text(
+        "postprocessor:\n  name: toy\n  APS_mode: True\n  postprocessor_args:\n    steps: 3\n"
+        f"    cache_dir: {root / 'cache'}\n  postprocessor_sweep:\n    sign_list: [-1.0, 1.0]\n")
+    return root
+
+
+def _net(bench):
+    from openood.networks import ResNet18_32x32
+
+    net = ResNet18_32x32(num_classes=10)
+    net.load_state_dict(torch.load(bench / "best.ckpt", weights_only=True))
+    return net.eval()
+
+
+def _fusion_config(bench, rule="rank"):
+    from openood.utils import Config
+
+    return Config({"dataset": {"name": "cifar10"}, "postprocessor": {
+        "name": "fusion", "APS_mode": True,
+        "postprocessor_args": {"detector": "toy", "detector_args": {"steps": 4}, "baseline": "ebo",
+                               "rule": rule, "cache_dir": str(bench / "cache")},
+        "postprocessor_sweep": {"w_list": [0.3, 0.7]} if rule == "rank" else {"alpha_out_list": [0.1, 0.2]}}})
+
+
+def _check_evaluator_rows(ev, table):
+    """Evaluator's DataFrame equals our standalone metrics from its own cached scores."""
+    id_t = ev.scores["id"]["test"]
+    ood = {n: ev.scores["ood"][s][n] for s in ("near", "far") for n in ev.scores["ood"][s]}
+    ours = benchmark_table(id_t, ood, groups={"nearood": OOD_SETS["near"], "farood": OOD_SETS["far"]})
+    assert list(table.index) == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "places365", "farood"]
+    for row, m in ours.items():
+        np.testing.assert_allclose(table.loc[row, ["FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT"]].to_numpy(dtype=float),
+                                   np.array(m.as_openood()[:4]) * 100, atol=1e-9)
+    acc = (ev.scores["id_preds"].numpy() == ev.scores["id_labels"].numpy()).mean() * 100  # classifier top-1
+    np.testing.assert_allclose(table["ACC"].to_numpy(dtype=float), acc)
+
+
+def test_register_patches_every_binding_idempotently():
+    from openood_diffguard.openood import register
+
+    first = register()
+    again = register()
+    assert sorted(first) == sorted(again)
+    import openood.evaluation_api.evaluator as ev_mod
+    import openood.pipelines.test_ood_pipeline as p1
+    import openood.pipelines.test_ood_pipeline_aps as p2
+    import openood.postprocessors as P
+    import openood.postprocessors.utils as U
+    from openood.pipelines import test_ad_pipeline, train_ad_pipeline, train_opengan_pipeline
+
+    bindings = [P, U, p1, p2, test_ad_pipeline, train_ad_pipeline, train_opengan_pipeline]
+    assert len({id(m.get_postprocessor) for m in bindings}) == 1
+    assert U.get_postprocessor.openood_original.__module__ == "openood.postprocessors.utils"
+    import openood.evaluation_api.postprocessor as E
+
+    assert ev_mod.get_postprocessor is E.get_postprocessor and "diffguard" in E.postprocessors
+    # OpenOOD's own names still work through the patched factory
+    from openood.utils import Config
+    from openood.postprocessors import EBOPostprocessor
+
+    cfg = Config({"postprocessor": {"name": "ebo", "postprocessor_args": {"temperature": 1},
+                                    "postprocessor_sweep": {"temperature_list": [1]}}})
+    assert isinstance(U.get_postprocessor(cfg), EBOPostprocessor)
+
+
+def test_evaluator_by_name_offline_with_aps_and_cache(bench, monkeypatch):
+    import urllib.request
+
+    from openood.evaluation_api import Evaluator
+    from openood_diffguard.openood import register
+
+    register()
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
+    net = _net(bench)
+    ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), config_root=str(bench / "configs"),
+                   postprocessor_name="toy", batch_size=16, num_workers=0)
+    pp = ev.postprocessor
+    assert pp.hyperparam_search_done and pp.get_hyperparam() in ([1.0], [-1.0])
+    scored_after_aps = pp.detector.scored
+    assert scored_after_aps == 12  # APS: 2 grid points x (ID val + OOD val) scored once, then re-scored from cache
+    table = ev.eval_ood()
+    _check_evaluator_rows(ev, table)
+    assert pp.detector.scored == 12 + 10 + 24  # test sets once each
+    # a second postprocessor instance (e.g. a rerun) re-uses the disk cache completely
+    ev2 = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), config_root=str(bench / "configs"),
+                    postprocessor_name="toy", batch_size=7, num_workers=0)
+    ev2.eval_ood()
+    assert ev2.postprocessor.detector.scored == 0
+    # pickling as scripts/eval_ood.py does; the clone runs setup again and scores from the cache
+    clone = pickle.loads(pickle.dumps(pp))
+    clone.setup(net, ev.dataloader_dict["id"], ev.dataloader_dict["ood"])
+    _, conf, _ = clone.inference(net, ev.dataloader_dict["id"]["test"], progress=False)
+    np.testing.assert_allclose(conf, ev.scores["id"]["test"][1])
+
+
+def test_packaged_yml_is_found_without_download(bench, monkeypatch):
+    import urllib.request
+
+    from openood_diffguard.openood import register
+    from openood_diffguard.openood.registration import PACKAGE_CONFIGS, postprocessor_config
+
+    register()
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
+    assert postprocessor_config("diffguard", bench / "configs") == PACKAGE_CONFIGS / "diffguard.yml"
+    assert postprocessor_config("toy", bench / "configs") == bench / "configs" / "postprocessors" / "toy.yml"
+    import openood.evaluation_api.postprocessor as E
+
+    from openood_diffguard.registry import POSTPROCESSORS
+
+    monkeypatch.setitem(POSTPROCESSORS, "diffguard", "openood_diffguard.openood.postprocessors:DetectorPostprocessor")
+    monkeypatch.setitem(registry.DETECTORS, "diffguard", ToyDetector)  # stand-in: the real one lives elsewhere
+    with pytest.raises(TypeError, match="unknown parameter"):  # our yml was read (DiffGuard's model_path)
+        E.get_postprocessor(str(bench / "configs"), "diffguard", "cifar10")
+
+
+def test_evaluator_with_fusion_instance_ours_plus_ebo(bench):
+    pytest.importorskip("openood_diffguard.fusion")
+    from openood.evaluation_api import Evaluator
+    from openood_diffguard.openood import FusionPostprocessor, register
+
+    register()
+    net = _net(bench)
+    pp = FusionPostprocessor(_fusion_config(bench))
+    ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), postprocessor=pp, batch_size=16,
+                   num_workers=0)
+    assert pp.hyperparam_search_done and pp.get_hyperparam()[0] in (0.3, 0.7)
+    table = ev.eval_ood()
+    _check_evaluator_rows(ev, table)
+    # the fused confidence is the rank rule on EBO and the toy score (both calibrated on ID val)
+    from openood_diffguard.fusion import ScoreFusion
+
+    loaders = ev.dataloader_dict
+    ebo = pp.baseline.inference(net, loaders["id"]["test"], progress=False)[1]
+    toy = pp.diffusion.inference(net, loaders["id"]["test"], progress=False)[1]
+    ebo_val = pp.baseline.inference(net, loaders["id"]["val"], progress=False)[1]
+    toy_val = pp.diffusion.inference(net, loaders["id"]["val"], progress=False)[1]
+    ref = ScoreFusion("rank", w=pp.get_hyperparam()[0]).fit({"baseline": ebo_val, "diffusion": toy_val})
+    np.testing.assert_allclose(ev.scores["id"]["test"][1], ref({"baseline": ebo, "diffusion": toy}))
+    clone = pickle.loads(pickle.dumps(pp))
+    assert clone.get_hyperparam() == pp.get_hyperparam()
+
+
+@pytest.mark.slow
+def test_cascade_fusion_routes_only_uncertain_samples(bench):
+    pytest.importorskip("openood_diffguard.fusion")
+    from openood.evaluation_api import Evaluator
+    from openood_diffguard.openood import FusionPostprocessor
+
+    cfg = _fusion_config(bench, rule="cascade")
+    cfg.postprocessor.postprocessor_args.cache = False
+    cfg.postprocessor.APS_mode = False
+    pp = FusionPostprocessor(cfg)
+    ev = Evaluator(_net(bench), id_name="cifar10", data_root=str(bench / "data"), postprocessor=pp,
+                   batch_size=16, num_workers=0)
+    scored_in_setup = pp.diffusion.detector.scored
+    assert scored_in_setup == 6  # ID val for calibration
+    ev.eval_ood()
+    assert scored_in_setup < pp.diffusion.detector.scored - scored_in_setup < 10 + 24  # only the routed band
+
+
+def test_vim_dim_larger_than_features_is_a_clear_error(bench):
+    pytest.importorskip("openood_diffguard.fusion")
+    from openood_diffguard.openood import FusionPostprocessor
+
+    cfg = _fusion_config(bench)
+    cfg.postprocessor.postprocessor_args.baseline = "vim"
+    cfg.postprocessor.postprocessor_args.baseline_args = {"dim": 1000}
+    pp = FusionPostprocessor(cfg)
+    with pytest.raises(ValueError, match="ViM dim=1000 must be smaller than the network's feature size 512"):
+        pp.setup(_net(bench), {"train": [], "val": []}, {"val": []})
+
+
+FUSION_YML = """postprocessor:
+  name: fusion
+  APS_mode: True
+  postprocessor_args: {{detector: toy, detector_args: {{steps: 5}}, baseline: ebo, rule: rank, cache_dir: {cache}}}
+  postprocessor_sweep: {{w_list: [0.2, 0.8]}}
+"""
+
+
+@pytest.mark.parametrize("pp_name", ["toy", "fusion"])
+def test_main_py_pipeline_through_launcher(bench, monkeypatch, pp_name):
+    if pp_name == "fusion":
+        pytest.importorskip("openood_diffguard.fusion")
+        (bench / "configs" / "postprocessors" / "fusion.yml").write_text(FUSION_YML.format(cache=bench / "cache"))
+    from openood_diffguard.main import main
+
+    monkeypatch.chdir(bench)
+    cfg = OPENOOD_ROOT / "configs"
+    argv = ["--config", *(str(cfg / p) for p in ("datasets/cifar10/cifar10.yml", "datasets/cifar10/cifar10_ood.yml",
+                                                   "networks/resnet18_32x32.yml", "pipelines/test/test_ood.yml",
+                                                   "preprocessors/base_preprocessor.yml")),
+            str(bench / "configs" / "postprocessors" / f"{pp_name}.yml"),
+            "--network.checkpoint", str(bench / "best.ckpt"), "--merge_option", "merge", "--num_workers", "0",
+            "--dataset.test.batch_size", "16", "--ood_dataset.batch_size", "16"]
+    assert main(argv) == 0
+    out = next(p for p in (bench / "results").rglob("ood.csv") if f"_{pp_name}_" in str(p))
+    rows = {r["dataset"]: r for r in csv.DictReader(out.open())}
+    assert list(rows) == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "place365", "farood"]
+    scores = {p.stem: np.load(p) for p in (out.parent / "scores").glob("*.npz")}
+    id_t = tuple(scores["cifar10"][k] for k in ("pred", "conf", "label"))
+    for name in ["cifar100", "tin", "mnist", "svhn", "texture", "place365"]:
+        s = scores[name]
+        m = ood_metrics(np.r_[id_t[1], s["conf"]], np.r_[id_t[2], s["label"]], np.r_[id_t[0], s["pred"]])
+        got = [float(rows[name][k]) for k in ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")]
+        np.testing.assert_allclose(got, np.round(np.array(m.as_openood()) * 100, 2), atol=0.0051)
+
+
+def test_knn_fusion_caches_train_features_and_pickles(bench):
+    pytest.importorskip("openood_diffguard.fusion")
+    from openood.evaluation_api import Evaluator
+    from openood_diffguard.openood import FusionPostprocessor
+
+    cfg = _fusion_config(bench)
+    cfg.postprocessor.postprocessor_args.baseline = "knn"
+    cfg.postprocessor.postprocessor_args.baseline_args = {"K": 3}
+    cfg.postprocessor.APS_mode = False
+    net = _net(bench)
+    ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), postprocessor=FusionPostprocessor(cfg),
+                   batch_size=16, num_workers=0)
+    loaders = ev.dataloader_dict
+    second = FusionPostprocessor(cfg)
+    calls = []
+    second.baseline.setup = lambda *a: calls.append(a)  # must not be needed: features come from the disk cache
+    second.setup(net, loaders["id"], loaders["ood"])
+    assert not calls and second.baseline.setup_flag
+    np.testing.assert_allclose(second.baseline.activation_log, ev.postprocessor.baseline.activation_log)
+    clone = pickle.loads(pickle.dumps(ev.postprocessor))  # the faiss index is rebuilt from the features
+    _, conf, _ = clone.baseline.inference(net, loaders["id"]["test"], progress=False)
+    np.testing.assert_allclose(conf, ev.postprocessor.baseline.inference(net, loaders["id"]["test"], False)[1])
+
+
+SHIM = """import torch
+torch.Tensor.cuda = lambda self, *a, **k: self
+torch.nn.Module.cuda = lambda self, *a, **k: self
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_main_py(bench, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU): samples sharded, rank 0 writes the same csv as one process."""
+    import subprocess
+
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "sitecustomize.py").write_text(SHIM)  # CPU shim for the child processes only
+    (bench / "configs" / "postprocessors" / "toy_tr.yml").write_text(
+        (bench / "configs" / "postprocessors" / "toy.yml").read_text()  # the Detector given as module:Class
+        .replace("name: toy", "name: toy_tr").replace("steps: 3", "steps: 3\n    detector: ood_toys:ToyDetector")
+        .replace(str(bench / "cache"), str(tmp_path / "cache")))
+    cfg = OPENOOD_ROOT / "configs"
+    argv = ["--config", *(str(cfg / p) for p in ("datasets/cifar10/cifar10.yml", "datasets/cifar10/cifar10_ood.yml",
+                                                   "networks/resnet18_32x32.yml", "pipelines/test/test_ood.yml",
+                                                   "preprocessors/base_preprocessor.yml")),
+            str(bench / "configs" / "postprocessors" / "toy_tr.yml"), "--network.checkpoint", str(bench / "best.ckpt"),
+            "--merge_option", "merge", "--num_workers", "0", "--mark", "torchrun"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(Path(__file__).parent.parent),
+                                                        str(Path(__file__).parent)]),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "openood_diffguard.main", *argv], cwd=bench, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    out = next(p for p in (bench / "results").rglob("ood.csv") if "_torchrun/" in str(p))
+    rows = list(csv.DictReader(out.open()))
+    assert [r["dataset"] for r in rows] == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "place365",
+                                            "farood"]  # written once (rank 0 only)
+    from openood_diffguard.cache import ScoreCache
+
+    ns = next((tmp_path / "cache").iterdir())
+    files = list(ns.glob("chunk-*.npz"))
+    assert len({f.name.split("-")[1] for f in files}) == 2  # chunks written by two processes (pids)
+    assert len(ScoreCache(tmp_path / "cache", ns.name)) == 6 + 6 + 10 + 24  # every sample exactly once
