@@ -68,7 +68,9 @@ class ImageSpace:
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        if mean.shape[1] != x.shape[1]:
+        if mean.shape[1] != x.shape[1] and bool((mean == mean.flatten()[0]).all() and (std == std.flatten()[0]).all()):
+            mean, std = mean[:, :1], std[:, :1]  # channel-independent stats (e.g. OpenOOD's 0.5/0.5) fit any channel count
+        if mean.shape[1] not in (1, x.shape[1]):
             raise ValueError(f"images have {x.shape[1]} channels but mean/std have {mean.shape[1]}")
         return mean, std
 

@@ -182,7 +182,10 @@ class DiffGuard(Detector):
         return self.model.schedule.timesteps(p["num_steps"], p["timestep_spacing"], p["steps_offset"])
 
     # ------------------------------------------------------------------ scoring
-    def statistics(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def synthesise(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The images behind the score, for a normalised batch: ``input`` pixels in [-1, 1], the inverted
+        ``latents``, the guided ``synthesis``, the ``reference`` it is compared with (the unconditional
+        twin, or the input), plus ``pred``, ``guide_label``, ``stop_index`` and the input embedding."""
         model = self._ensure_models()
         net.eval()
         model.to(images.device)
@@ -195,12 +198,15 @@ class DiffGuard(Detector):
         y = self._guide_labels(pred, labels, emb_in["logits"].shape[1])
         x_px = space.to_pixels(images)
         if self.params["guidance"] == "classifier":
-            x_syn, x_ref, stop = self._classifier_path(net, x_px, y, space, tuple(images.shape[-2:]))
+            out = self._classifier_path(net, x_px, y, space, tuple(images.shape[-2:]))
         else:
-            x_syn, stop = self._cfg_path(net, images, x_px, y, space)
-            x_ref = None
-        stats = {"pred": pred, "guide_label": y, "stop_index": stop}
-        stats.update(self._similarities(net, images, space, x_ref, x_syn, emb_in))
+            out = self._cfg_path(net, images, x_px, y, space)
+        return {"pred": pred, "guide_label": y, "input": x_px, "embedding": emb_in, **out}
+
+    def statistics(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        syn = self.synthesise(net, images, labels)
+        stats = {"pred": syn["pred"], "guide_label": syn["guide_label"], "stop_index": syn["stop_index"]}
+        stats.update(self._similarities(net, images, self._space(), syn.get("reference"), syn["synthesis"], syn["embedding"]))
         return stats
 
     def confidence(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -276,7 +282,7 @@ class DiffGuard(Detector):
         cond = {"y": y.repeat(reps), "guided": guided, "start": start.repeat(reps)}
         eps_fn = self._clean_grad_eps(net, space, den_levels, classifier_hw)
         out = ddim.sample(eps_fn, lat, den_levels, start=start.repeat(reps), stop=0, cond=cond)
-        return out[:B], (out[B:] if twin else None), stop
+        return {"synthesis": out[:B], "reference": out[B:] if twin else None, "latents": inv.latents, "stop_index": stop}
 
     def _clean_grad_eps(self, net, space, den_levels, classifier_hw):
         """ClassifierGuidance whose classifier sees cutouts of the blended x0 (only on guided rows)."""
@@ -331,7 +337,7 @@ class DiffGuard(Detector):
         with torch.no_grad():
             z = ddim.sample(ClassifierFreeGuidance(model, p["cfg_scale"]), inv.latents, levels, cond=cond)
             x_syn = space.decode(z).float().clamp(-1, 1)
-        return x_syn, inv.stop_index
+        return {"synthesis": x_syn, "latents": inv.latents, "stop_index": inv.stop_index}
 
     # ------------------------------------------------------------------ similarities
     def _score_pixels(self, px: torch.Tensor) -> torch.Tensor:
