@@ -8,6 +8,7 @@ from typing import Callable
 
 # name -> (module, help). Each module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("openood_diffguard.demo.run", "CPU demo on scikit-learn digits: every detector, OpenOOD-style table, plots"),
     "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
     "fuse": ("openood_diffguard.fusion.cli", "fuse cached per-sample score files (ours / OpenOOD's) and print metrics"),
     "convert": ("openood_diffguard.convert.cli", "convert original ADM / LDM cin256-v2 / DiffNB checkpoints to diffusers"),

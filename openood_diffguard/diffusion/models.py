@@ -202,7 +202,7 @@ def load_unet(path: str | Path, schedule: NoiseSchedule | None = None, subfolder
     if subfolder is None and (root / "unet" / "config.json").is_file():
         subfolder = "unet"
     try:
-        unet = UNet2DModel.from_pretrained(root, subfolder=subfolder, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(root, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError) as err:
         raise RuntimeError(f"could not load a UNet2DModel from {root} (subfolder={subfolder}): {err}") from err
     if schedule is None:
@@ -222,8 +222,8 @@ def load_dit(path: str | Path, **adapter_kwargs) -> DiTAdapter:
         if not (root / sub / "config.json").is_file():
             raise FileNotFoundError(f"{root / sub / 'config.json'} missing: expected a DiT pipeline directory "
                                     "(e.g. a local copy of facebook/DiT-XL-2-256)")
-    transformer = DiTTransformer2DModel.from_pretrained(root, subfolder="transformer", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
+    transformer = DiTTransformer2DModel.from_pretrained(root, subfolder="transformer", local_files_only=True, low_cpu_mem_usage=False)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, low_cpu_mem_usage=False)
     schedule = NoiseSchedule.from_pretrained(root)
     return DiTAdapter(transformer.eval(), schedule, codec=LatentCodec(vae.eval()), **adapter_kwargs)
 
@@ -240,8 +240,8 @@ def load_ldm(path: str | Path, **adapter_kwargs) -> CrossAttnUNetAdapter:
         if not p.is_file():
             raise FileNotFoundError(f"{p} missing: expected a directory made by `openood-diffguard convert ldm "
                                     "--src model.ckpt --out DIR` (LDM cin256-v2)")
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
-    vq = VQModel.from_pretrained(root, subfolder="vqvae", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False)
+    vq = VQModel.from_pretrained(root, subfolder="vqvae", local_files_only=True, low_cpu_mem_usage=False)
     table = load_file(str(root / "class_embedding.safetensors"))["weight"]
     class_embedding = nn.Embedding.from_pretrained(table, freeze=True)
     return CrossAttnUNetAdapter(unet.eval(), class_embedding, NoiseSchedule.from_pretrained(root),
