@@ -89,3 +89,15 @@ def test_feature_space_and_errors(linear_schedule):
         _detector(model).statistics(NearestMean(torch.zeros(5, *SHAPE)), x_id[:2])
     with pytest.raises(ValueError, match="un-normalised"):
         _detector(model).statistics(net, x_id[:2] * 10)
+
+
+def test_score_does_not_depend_on_batch_composition(linear_schedule):
+    """Common random numbers: a sample scores the same alone or inside any batch (cache consistency)."""
+    model, net, x_id, x_ood = _setup(linear_schedule)
+    det = _detector(model, timesteps=[120, 300], repeats=2)
+    x = torch.cat([x_id[:2], x_ood[:2]])
+    full = det.statistics(net, x)
+    for idx in ([0], [3, 1], [2]):
+        part = det.statistics(net, x[idx])
+        for k in part:
+            torch.testing.assert_close(part[k], full[k][idx])

@@ -52,7 +52,7 @@ class DiffNB(Detector):
         "feature_clip": 0.3,      # clip threshold for space="feature" (paper Fig. 12); None = no clip
         "normalization": "cifar10",  # OpenOOD normalization_type of the incoming batches
         "diffusion_size": None,   # side of the diffusion model's input (None = model's sample_size)
-        "seed": 0,                # noise seed (fresh draw per repeat, same draws for every batch)
+        "seed": 0,                # noise seed: R draws, the same for every sample and batch
         "dtype": None,            # "bf16" / "fp16": autocast the UNet (scheduler maths stays fp32)
         "aggregate": "mean",      # how per-timestep distances combine into the score: mean | max
         "max_model_batch": 4096,  # cap on samples per DDIM pass (x2 inside CFG); results do not depend on it
@@ -130,8 +130,9 @@ class DiffNB(Detector):
             raise ValueError(f"timestep {max(ts)} beyond the model's schedule (T={sched.num_train_timesteps})")
         x0 = space.to_diffusion(images)
         gen = torch.Generator().manual_seed(int(p["seed"]))
-        # one noise draw per (repeat, sample), shared by all timesteps as in the code; order [T, R, B]
-        noise = torch.randn((R, *x0.shape), generator=gen).to(x0.device)
+        # R noise images shared by every sample (common random numbers) and by all timesteps (as the code):
+        # a sample's score never depends on its batch or position in it, so cached scores stay consistent
+        noise = torch.randn((R, 1, *x0.shape[1:]), generator=gen).to(x0.device).expand(R, *x0.shape)
         n_t = len(ts)
         x0_rep = x0.unsqueeze(0).expand(n_t * R, *x0.shape).reshape(-1, *x0.shape[1:])
         noise_rep = noise.unsqueeze(0).expand(n_t, *noise.shape).reshape(-1, *x0.shape[1:])
