@@ -187,7 +187,7 @@ def test_packaged_yml_is_found_without_download(bench, monkeypatch):
 
     register()
     monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
-    assert postprocessor_config("diffguard", bench / "configs") == PACKAGE_CONFIGS / "diffguard.yml"
+    assert postprocessor_config("diffguard", bench / "configs") == PACKAGE_CONFIGS / "diffguard_gdm_imagenet.yml"
     assert postprocessor_config("toy", bench / "configs") == bench / "configs" / "postprocessors" / "toy.yml"
     import openood.evaluation_api.postprocessor as E
 
@@ -252,7 +252,7 @@ def test_vim_dim_larger_than_features_is_a_clear_error(bench):
     cfg.postprocessor.postprocessor_args.baseline = "vim"
     cfg.postprocessor.postprocessor_args.baseline_args = {"dim": 1000}
     pp = FusionPostprocessor(cfg)
-    with pytest.raises(ValueError, match="ViM dim=1000 must be smaller than the network's feature size 512"):
+    with pytest.raises(ValueError, match=r"ViM dim=1000 must be in \[1, 511\] for 512-d features"):
         pp.setup(_net(bench), {"train": [], "val": []}, {"val": []})
 
 
