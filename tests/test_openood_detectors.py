@@ -120,14 +120,11 @@ STEMS = ["diffguard_cifar10", "diffnb_cifar10", "lfdn_cifar10", "fusion_diffguar
 
 
 @pytest.mark.parametrize("stem", STEMS)
-def test_evaluator_by_stem_equals_standalone(bench, stem, monkeypatch):
-    import urllib.request
-
+def test_evaluator_by_stem_equals_standalone(bench, stem, no_download):
     from openood.evaluation_api import Evaluator
     from openood_diffguard.openood import register
 
     register()
-    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
     net = load_net(bench)
     ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), config_root=str(bench / "configs"),
                    postprocessor_name=stem, batch_size=16, num_workers=0)

@@ -36,13 +36,13 @@ def bench(tmp_path_factory):
     return root
 
 
-def _fusion_config(bench, rule="rank"):
+def _fusion_config(bench, rule="rank", baseline="ebo", baseline_args=None):
     from openood.utils import Config
 
     return Config({"dataset": {"name": "cifar10"}, "postprocessor": {
         "name": "fusion", "APS_mode": True,
-        "postprocessor_args": {"detector": "toy", "detector_args": {"steps": 4}, "baseline": "ebo",
-                               "rule": rule, "cache_dir": str(bench / "cache")},
+        "postprocessor_args": {"detector": "toy", "detector_args": {"steps": 4}, "baseline": baseline,
+                               "baseline_args": baseline_args or {}, "rule": rule, "cache_dir": str(bench / "cache")},
         "postprocessor_sweep": {"w_list": [0.3, 0.7]} if rule == "rank" else {"alpha_out_list": [0.1, 0.2]}}})
 
 
@@ -74,14 +74,11 @@ def test_register_patches_every_binding_idempotently():
     assert isinstance(U.get_postprocessor(cfg), EBOPostprocessor)
 
 
-def test_evaluator_by_name_offline_with_aps_and_cache(bench, monkeypatch):
-    import urllib.request
-
+def test_evaluator_by_name_offline_with_aps_and_cache(bench, no_download):
     from openood.evaluation_api import Evaluator
     from openood_diffguard.openood import register
 
     register()
-    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
     net = _net(bench)
     ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), config_root=str(bench / "configs"),
                    postprocessor_name="toy", batch_size=16, num_workers=0)
@@ -104,14 +101,11 @@ def test_evaluator_by_name_offline_with_aps_and_cache(bench, monkeypatch):
     np.testing.assert_allclose(conf, ev.scores["id"]["test"][1])
 
 
-def test_packaged_yml_is_found_without_download(bench, monkeypatch):
-    import urllib.request
-
+def test_packaged_yml_is_found_without_download(bench, monkeypatch, no_download):
     from openood_diffguard.openood import register
     from openood_diffguard.openood.registration import PACKAGE_CONFIGS, postprocessor_config
 
     register()
-    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
     assert postprocessor_config("diffguard", bench / "configs") == PACKAGE_CONFIGS / "diffguard_gdm_imagenet.yml"
     assert postprocessor_config("toy", bench / "configs") == bench / "configs" / "postprocessors" / "toy.yml"
     import openood.evaluation_api.postprocessor as E
@@ -173,10 +167,7 @@ def test_vim_dim_larger_than_features_is_a_clear_error(bench):
     pytest.importorskip("openood_diffguard.fusion")
     from openood_diffguard.openood import FusionPostprocessor
 
-    cfg = _fusion_config(bench)
-    cfg.postprocessor.postprocessor_args.baseline = "vim"
-    cfg.postprocessor.postprocessor_args.baseline_args = {"dim": 1000}
-    pp = FusionPostprocessor(cfg)
+    pp = FusionPostprocessor(_fusion_config(bench, baseline="vim", baseline_args={"dim": 1000}))
     with pytest.raises(ValueError, match=r"ViM dim=1000 must be in \[1, 511\] for 512-d features"):
         pp.setup(_net(bench), {"train": [], "val": []}, {"val": []})
 
@@ -206,9 +197,7 @@ def test_knn_fusion_caches_train_features_and_pickles(bench):
     from openood.evaluation_api import Evaluator
     from openood_diffguard.openood import FusionPostprocessor
 
-    cfg = _fusion_config(bench)
-    cfg.postprocessor.postprocessor_args.baseline = "knn"
-    cfg.postprocessor.postprocessor_args.baseline_args = {"K": 3}
+    cfg = _fusion_config(bench, baseline="knn", baseline_args={"K": 3})
     cfg.postprocessor.APS_mode = False
     net = _net(bench)
     ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), postprocessor=FusionPostprocessor(cfg),

@@ -88,10 +88,8 @@ def test_lfdn_cache_dir_reaches_the_detector_expanded():
 
 @pytest.mark.openood
 @pytest.mark.parametrize("stem", FILES + sorted(ALIASES))
-def test_builds_through_openood_config_and_factories(stem, monkeypatch):
+def test_builds_through_openood_config_and_factories(stem, no_download):
     pytest.importorskip("openood.evaluation_api", reason="OpenOOD (with its Evaluator) not installed")
-    import urllib.request
-
     import openood.evaluation_api.postprocessor as E
     from openood.postprocessors import utils as U
     from openood.utils import Config
@@ -99,7 +97,6 @@ def test_builds_through_openood_config_and_factories(stem, monkeypatch):
     from openood_diffguard.openood import register
 
     register()
-    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail(f"download attempted for {stem}"))
     path = packaged_configs()[stem]
     cls = registry.load(registry.POSTPROCESSORS[_section(path.stem)["name"]])
     # main.py: the merged Config goes through OpenOOD's (patched) factory, looked up by postprocessor.name

@@ -101,14 +101,19 @@ def build_postprocessor(config: Any) -> Any:
     return None if cls is None else cls(config)
 
 
+def _marked(factory: Callable, original: Callable) -> Callable:
+    """Tag our factory with OpenOOD's original (``register()`` is idempotent and delegates to it)."""
+    factory.openood_original = original
+    setattr(factory, _MARK, True)
+    return factory
+
+
 def _patched_main_factory(original: Callable) -> Callable:
     def get_postprocessor(config):
         pp = build_postprocessor(config)
         return original(config) if pp is None else pp
 
-    get_postprocessor.openood_original = original
-    setattr(get_postprocessor, _MARK, True)
-    return get_postprocessor
+    return _marked(get_postprocessor, original)
 
 
 def _patched_evaluator_factory(original: Callable) -> Callable:
@@ -124,9 +129,7 @@ def _patched_evaluator_factory(original: Callable) -> Callable:
         pp.hyperparam_search_done = False
         return pp
 
-    get_postprocessor.openood_original = original
-    setattr(get_postprocessor, _MARK, True)
-    return get_postprocessor
+    return _marked(get_postprocessor, original)
 
 
 def _unwrap(fn: Callable) -> Callable:
