@@ -170,6 +170,10 @@ def test_vim_dim_larger_than_features_is_a_clear_error(bench):
     pp = FusionPostprocessor(_fusion_config(bench, baseline="vim", baseline_args={"dim": 1000}))
     with pytest.raises(ValueError, match=r"ViM dim=1000 must be in \[1, 511\] for 512-d features"):
         pp.setup(_net(bench), {"train": [], "val": []}, {"val": []})
+    safe = FusionPostprocessor(_fusion_config(bench, baseline="vim"))  # dim: null -> from the feature size
+    assert safe.baseline is None
+    safe._build_vim(_net(bench))
+    assert safe.baseline.dim == 256 and type(safe.baseline).__name__ == "VIMPostprocessor"
 
 
 FUSION_YML = """postprocessor:
