@@ -6,7 +6,8 @@
         --network.checkpoint results/.../best.ckpt --merge_option merge
 
 (also ``openood-diffguard eval ...``). A ``--config`` entry that is not a file but names one of our
-presets (``diffguard``, ``diffnb``, ``lfdn``, ``diffguard_fusion``) is replaced by the packaged yml.
+presets (a packaged yml stem such as ``diffguard_cifar10``, or an alias: ``diffguard``, ``diffnb``, ``lfdn``,
+``diffguard_fusion``) is replaced by the packaged yml.
 Run it from the OpenOOD checkout (its ``configs/`` and ``data/`` paths are relative). Under
 ``torchrun --nproc_per_node N`` every rank runs the pipeline, our detectors shard samples across ranks
 and only rank 0 writes OpenOOD's csv / score files.

@@ -21,6 +21,7 @@ POSTPROCESSORS: dict[str, str] = {
     "lfdn": f"{_PP}:LFDNPostprocessor",
     "detector": f"{_PP}:DetectorPostprocessor",  # any DETECTORS entry via postprocessor_args.detector
     "fusion": f"{_PP}:FusionPostprocessor",  # ours + one of OpenOOD's ebo / knn / vim / mls
+    "diffguard_fusion": f"{_PP}:FusionPostprocessor",  # postprocessor.name of the fusion_*.yml presets
 }
 
 

@@ -21,3 +21,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Fail the test if anything (OpenOOD's Evaluator config fetch) tries to download."""
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, *a, **k: pytest.fail(f"download attempted: {url}"))

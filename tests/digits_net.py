@@ -68,9 +68,6 @@ def trained_digits_net(seed: int = 0) -> TinyConvNet:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Two intra-op threads on a shared 2-core machine spin against other processes (15x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_thread(single_thread):
+    """conftest's single_thread, autouse in every module that imports it from here."""
     yield
-    torch.set_num_threads(n)

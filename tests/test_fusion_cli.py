@@ -38,6 +38,7 @@ def write_pair(tmp_path, data):
 
 
 def test_metrics_known_answers_both_fpr_conventions():
+    # the table's columns come from openood_diffguard.metrics (itself checked against OpenOOD in test_metrics)
     conf_id, conf_ood = np.arange(100.0), np.arange(200.0) - 150.5  # OOD in [-150.5, 48.5], no ties
     m = _ood_metrics(conf_id, conf_ood)
     assert m["FPR@95_IDpos"] == pytest.approx(44 / 200)     # ID accepted at >= 5 lets OOD 5.5..48.5 through
@@ -163,17 +164,6 @@ def test_preset_schema_errors():
     empty["postprocessor"]["postprocessor_sweep"] = {}
     with pytest.raises(ValueError, match="empty postprocessor_sweep"):
         parse_fusion_config(empty)
-
-
-@pytest.mark.openood
-def test_metrics_match_openood_compute_all_metrics():
-    metrics = pytest.importorskip("openood.evaluators.metrics", reason="needs a real OpenOOD checkout")
-    rng = np.random.default_rng(3)
-    conf_id, conf_ood = np.round(rng.normal(1, 1, 500), 1), np.round(rng.normal(0, 1.5, 800), 1)  # with ties
-    label = np.r_[np.zeros(500, int), -np.ones(800, int)]
-    expected = metrics.compute_all_metrics(np.r_[conf_id, conf_ood], label, np.zeros_like(label))[:4]
-    m = _ood_metrics(conf_id, conf_ood)
-    assert [m["FPR@95_OpenOOD"], m["AUROC"], m["AUPR_IN"], m["AUPR_OUT"]] == pytest.approx(expected)
 
 
 def test_detector_preset_resolution(tmp_path):

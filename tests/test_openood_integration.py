@@ -1,7 +1,8 @@
 """Against a real OpenOOD checkout (skipped when ``import openood`` fails): tiny image-list benchmark on
 disk (scikit-learn digits as PNGs, OpenOOD's folder/imglist layout), a tiny ResNet18_32x32 checkpoint,
-OpenOOD's main.py pipeline through our launcher and the Evaluator, with our postprocessor and a fusion
-of ours + OpenOOD's EBO. OpenOOD hard-codes ``.cuda()``: the CPU shim lives here, in the fixtures only.
+OpenOOD's main.py pipeline through our launcher and the Evaluator, with a toy detector (registration,
+cache, APS, pickling, torchrun mechanics) and a fusion of it + OpenOOD's EBO; the real detectors run in
+test_openood_detectors.py. Fixtures and the CPU shim: openood_bench.py.
 """
 import csv
 import os
@@ -11,114 +12,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytestmark = pytest.mark.openood
 openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
 
+from openood_bench import (build_bench, check_evaluator_rows as _check_evaluator_rows, check_main_py_csv,  # noqa: E402,F401
+                          cpu_shim, load_net as _net, main_py_argv)
 from ood_toys import ToyDetector  # noqa: E402
 from openood_diffguard import registry  # noqa: E402
-from openood_diffguard.metrics import benchmark_table, ood_metrics  # noqa: E402
-
-OPENOOD_ROOT = Path(openood.__file__).resolve().parent.parent
-OOD_SETS = {"near": ["cifar100", "tin"], "far": ["mnist", "svhn", "texture", "places365"]}
 
 
 @pytest.fixture(autouse=True)
-def cpu_shim(monkeypatch):
-    """OpenOOD calls .cuda() on tensors and nets in many places: make it a no-op on this CPU machine."""
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+def toy_registered(monkeypatch):
     monkeypatch.setattr(registry, "DETECTORS", {**registry.DETECTORS, "toy": ToyDetector})
-    # main.py's setup_logger swaps sys.stdout for a Logger that closes its console (pytest's capture) on __del__
-    from openood.utils import logger
-
-    monkeypatch.setattr(logger.Logger, "__del__", lambda self: None)
-    stdout = sys.stdout
-    yield
-    sys.stdout = stdout
-
-
-def _write_images(folder: Path, images: np.ndarray) -> list[str]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(folder / f"{i:03d}.png")
-        names.append(f"{folder.parent.name}/{folder.name}/{i:03d}.png")
-    return names
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """data/{images_classic,benchmark_imglist} for cifar10 with digits images; returns the root."""
-    from sklearn.datasets import load_digits
-    from openood.networks import ResNet18_32x32
-
-    root = tmp_path_factory.mktemp("openood_bench")
-    digits = load_digits()
-    up = np.kron(digits.images / 16.0, np.ones((4, 4)))  # 8x8 -> 32x32
-    rgb = (np.stack([up] * 3, -1) * 255).astype(np.uint8)
-    rng = np.random.default_rng(0)
-    classic, lists = root / "data" / "images_classic", root / "data" / "benchmark_imglist" / "cifar10"
-    lists.mkdir(parents=True)
-
-    def imglist(name, names, labels):
-        (lists / f"{name}.txt").write_text("".join(f"{n} {int(l)}\n" for n, l in zip(names, labels)))
-
-    for split, sl in {"train": slice(0, 10), "val": slice(30, 36), "test": slice(40, 50)}.items():
-        names = _write_images(classic / "cifar10" / split, rgb[sl])
-        imglist(f"{split}_cifar10", names, digits.target[sl])
-    imglist("test_cifar10c", names[:4], digits.target[40:44])
-    ood_images = {  # real digits, transformed away from the ID look, plus noise / stripes
-        "tin": 255 - rgb[100:104], "cifar100": np.roll(rgb[110:114], 8, axis=2),
-        "mnist": rgb[120:124, ::-1], "svhn": (rng.random((4, 32, 32, 3)) * 255).astype(np.uint8),
-        "texture": np.tile((np.arange(32) % 4 < 2)[None, :, None, None] * 255, (4, 1, 32, 3)).astype(np.uint8),
-        "places365": (rgb[130:134] * 0.5 + 64).astype(np.uint8),
-    }
-    for name, ims in ood_images.items():
-        names = _write_images(classic / name / "test", ims)
-        imglist(f"test_{name}", names, -np.ones(len(names)))
-    imglist("val_tin", _write_images(classic / "tin" / "val", 255 - rgb[140:146]), -np.ones(6))
-    torch.manual_seed(0)
-    torch.save(ResNet18_32x32(num_classes=10).state_dict(), root / "best.ckpt")
-    (root / "configs" / "postprocessors").mkdir(parents=True)
+    root = build_bench(tmp_path_factory.mktemp("openood_bench"))
     (root / "configs" / "postprocessors" / "toy.yml").write_text(
         "postprocessor:\n  name: toy\n  APS_mode: True\n  postprocessor_args:\n    steps: 3\n"
         f"    cache_dir: {root / 'cache'}\n  postprocessor_sweep:\n    sign_list: [-1.0, 1.0]\n")
     return root
 
 
-def _net(bench):
-    from openood.networks import ResNet18_32x32
-
-    net = ResNet18_32x32(num_classes=10)
-    net.load_state_dict(torch.load(bench / "best.ckpt", weights_only=True))
-    return net.eval()
-
-
-def _fusion_config(bench, rule="rank"):
+def _fusion_config(bench, rule="rank", baseline="ebo", baseline_args=None):
     from openood.utils import Config
 
     return Config({"dataset": {"name": "cifar10"}, "postprocessor": {
         "name": "fusion", "APS_mode": True,
-        "postprocessor_args": {"detector": "toy", "detector_args": {"steps": 4}, "baseline": "ebo",
-                               "rule": rule, "cache_dir": str(bench / "cache")},
+        "postprocessor_args": {"detector": "toy", "detector_args": {"steps": 4}, "baseline": baseline,
+                               "baseline_args": baseline_args or {}, "rule": rule, "cache_dir": str(bench / "cache")},
         "postprocessor_sweep": {"w_list": [0.3, 0.7]} if rule == "rank" else {"alpha_out_list": [0.1, 0.2]}}})
-
-
-def _check_evaluator_rows(ev, table):
-    """Evaluator's DataFrame equals our standalone metrics from its own cached scores."""
-    id_t = ev.scores["id"]["test"]
-    ood = {n: ev.scores["ood"][s][n] for s in ("near", "far") for n in ev.scores["ood"][s]}
-    ours = benchmark_table(id_t, ood, groups={"nearood": OOD_SETS["near"], "farood": OOD_SETS["far"]})
-    assert list(table.index) == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "places365", "farood"]
-    for row, m in ours.items():
-        np.testing.assert_allclose(table.loc[row, ["FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT"]].to_numpy(dtype=float),
-                                   np.array(m.as_openood()[:4]) * 100, atol=1e-9)
-    acc = (ev.scores["id_preds"].numpy() == ev.scores["id_labels"].numpy()).mean() * 100  # classifier top-1
-    np.testing.assert_allclose(table["ACC"].to_numpy(dtype=float), acc)
 
 
 def test_register_patches_every_binding_idempotently():
@@ -149,14 +74,11 @@ def test_register_patches_every_binding_idempotently():
     assert isinstance(U.get_postprocessor(cfg), EBOPostprocessor)
 
 
-def test_evaluator_by_name_offline_with_aps_and_cache(bench, monkeypatch):
-    import urllib.request
-
+def test_evaluator_by_name_offline_with_aps_and_cache(bench, no_download):
     from openood.evaluation_api import Evaluator
     from openood_diffguard.openood import register
 
     register()
-    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
     net = _net(bench)
     ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), config_root=str(bench / "configs"),
                    postprocessor_name="toy", batch_size=16, num_workers=0)
@@ -179,15 +101,12 @@ def test_evaluator_by_name_offline_with_aps_and_cache(bench, monkeypatch):
     np.testing.assert_allclose(conf, ev.scores["id"]["test"][1])
 
 
-def test_packaged_yml_is_found_without_download(bench, monkeypatch):
-    import urllib.request
-
+def test_packaged_yml_is_found_without_download(bench, monkeypatch, no_download):
     from openood_diffguard.openood import register
     from openood_diffguard.openood.registration import PACKAGE_CONFIGS, postprocessor_config
 
     register()
-    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: pytest.fail("download attempted"))
-    assert postprocessor_config("diffguard", bench / "configs") == PACKAGE_CONFIGS / "diffguard.yml"
+    assert postprocessor_config("diffguard", bench / "configs") == PACKAGE_CONFIGS / "diffguard_gdm_imagenet.yml"
     assert postprocessor_config("toy", bench / "configs") == bench / "configs" / "postprocessors" / "toy.yml"
     import openood.evaluation_api.postprocessor as E
 
@@ -248,12 +167,13 @@ def test_vim_dim_larger_than_features_is_a_clear_error(bench):
     pytest.importorskip("openood_diffguard.fusion")
     from openood_diffguard.openood import FusionPostprocessor
 
-    cfg = _fusion_config(bench)
-    cfg.postprocessor.postprocessor_args.baseline = "vim"
-    cfg.postprocessor.postprocessor_args.baseline_args = {"dim": 1000}
-    pp = FusionPostprocessor(cfg)
-    with pytest.raises(ValueError, match="ViM dim=1000 must be smaller than the network's feature size 512"):
+    pp = FusionPostprocessor(_fusion_config(bench, baseline="vim", baseline_args={"dim": 1000}))
+    with pytest.raises(ValueError, match=r"ViM dim=1000 must be in \[1, 511\] for 512-d features"):
         pp.setup(_net(bench), {"train": [], "val": []}, {"val": []})
+    safe = FusionPostprocessor(_fusion_config(bench, baseline="vim"))  # dim: null -> from the feature size
+    assert safe.baseline is None
+    safe._build_vim(_net(bench))
+    assert safe.baseline.dim == 256 and type(safe.baseline).__name__ == "VIMPostprocessor"
 
 
 FUSION_YML = """postprocessor:
@@ -272,24 +192,8 @@ def test_main_py_pipeline_through_launcher(bench, monkeypatch, pp_name):
     from openood_diffguard.main import main
 
     monkeypatch.chdir(bench)
-    cfg = OPENOOD_ROOT / "configs"
-    argv = ["--config", *(str(cfg / p) for p in ("datasets/cifar10/cifar10.yml", "datasets/cifar10/cifar10_ood.yml",
-                                                   "networks/resnet18_32x32.yml", "pipelines/test/test_ood.yml",
-                                                   "preprocessors/base_preprocessor.yml")),
-            str(bench / "configs" / "postprocessors" / f"{pp_name}.yml"),
-            "--network.checkpoint", str(bench / "best.ckpt"), "--merge_option", "merge", "--num_workers", "0",
-            "--dataset.test.batch_size", "16", "--ood_dataset.batch_size", "16"]
-    assert main(argv) == 0
-    out = next(p for p in (bench / "results").rglob("ood.csv") if f"_{pp_name}_" in str(p))
-    rows = {r["dataset"]: r for r in csv.DictReader(out.open())}
-    assert list(rows) == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "place365", "farood"]
-    scores = {p.stem: np.load(p) for p in (out.parent / "scores").glob("*.npz")}
-    id_t = tuple(scores["cifar10"][k] for k in ("pred", "conf", "label"))
-    for name in ["cifar100", "tin", "mnist", "svhn", "texture", "place365"]:
-        s = scores[name]
-        m = ood_metrics(np.r_[id_t[1], s["conf"]], np.r_[id_t[2], s["label"]], np.r_[id_t[0], s["pred"]])
-        got = [float(rows[name][k]) for k in ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")]
-        np.testing.assert_allclose(got, np.round(np.array(m.as_openood()) * 100, 2), atol=0.0051)
+    assert main(main_py_argv(bench, bench / "configs" / "postprocessors" / f"{pp_name}.yml")) == 0
+    check_main_py_csv(next(p for p in (bench / "results").rglob("ood.csv") if f"_{pp_name}_" in str(p)))
 
 
 def test_knn_fusion_caches_train_features_and_pickles(bench):
@@ -297,9 +201,7 @@ def test_knn_fusion_caches_train_features_and_pickles(bench):
     from openood.evaluation_api import Evaluator
     from openood_diffguard.openood import FusionPostprocessor
 
-    cfg = _fusion_config(bench)
-    cfg.postprocessor.postprocessor_args.baseline = "knn"
-    cfg.postprocessor.postprocessor_args.baseline_args = {"K": 3}
+    cfg = _fusion_config(bench, baseline="knn", baseline_args={"K": 3})
     cfg.postprocessor.APS_mode = False
     net = _net(bench)
     ev = Evaluator(net, id_name="cifar10", data_root=str(bench / "data"), postprocessor=FusionPostprocessor(cfg),
@@ -333,12 +235,7 @@ def test_torchrun_two_ranks_main_py(bench, tmp_path):
         (bench / "configs" / "postprocessors" / "toy.yml").read_text()  # the Detector given as module:Class
         .replace("name: toy", "name: toy_tr").replace("steps: 3", "steps: 3\n    detector: ood_toys:ToyDetector")
         .replace(str(bench / "cache"), str(tmp_path / "cache")))
-    cfg = OPENOOD_ROOT / "configs"
-    argv = ["--config", *(str(cfg / p) for p in ("datasets/cifar10/cifar10.yml", "datasets/cifar10/cifar10_ood.yml",
-                                                   "networks/resnet18_32x32.yml", "pipelines/test/test_ood.yml",
-                                                   "preprocessors/base_preprocessor.yml")),
-            str(bench / "configs" / "postprocessors" / "toy_tr.yml"), "--network.checkpoint", str(bench / "best.ckpt"),
-            "--merge_option", "merge", "--num_workers", "0", "--mark", "torchrun"]
+    argv = main_py_argv(bench, bench / "configs" / "postprocessors" / "toy_tr.yml", "--mark", "torchrun")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(Path(__file__).parent.parent),
                                                         str(Path(__file__).parent)]),
            "OMP_NUM_THREADS": "1"}

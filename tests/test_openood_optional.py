@@ -3,7 +3,6 @@ import importlib
 import sys
 
 import pytest
-import yaml
 
 
 @pytest.fixture
@@ -33,16 +32,19 @@ def test_package_imports_and_features_name_the_install_command(no_openood):
         oo.NoSuchThing  # noqa: B018
 
 
-def test_packaged_ymls_follow_openood_format():
-    from openood_diffguard.openood.registration import PACKAGE_CONFIGS, packaged_configs
+def test_every_packaged_name_maps_to_our_postprocessor_class():
+    """The Evaluator is given a yml stem (or alias); main.py looks the class up by the yml's postprocessor.name.
+    Both must land on the same registered class (checked end to end with OpenOOD in test_packaged_configs)."""
+    from openood_diffguard.openood.registration import (ALIASES, PACKAGE_CONFIGS, packaged_configs,
+                                                        read_postprocessor_section)
+    from openood_diffguard.registry import POSTPROCESSORS
 
-    assert PACKAGE_CONFIGS.is_dir() and {"diffguard", "diffnb", "lfdn", "diffguard_fusion"} <= set(packaged_configs())
-    for name, path in packaged_configs().items():
-        pp = yaml.safe_load(path.read_text())["postprocessor"]
-        assert pp["name"] == name  # the Evaluator looks the class up by file stem
-        assert set(pp) == {"name", "APS_mode", "postprocessor_args", "postprocessor_sweep"}
-        assert not pp["APS_mode"] or pp["postprocessor_sweep"]  # empty sweep + APS = infinite recursion in OpenOOD
-        assert all(k.endswith("_list") and isinstance(v, list) and v for k, v in pp["postprocessor_sweep"].items())
+    stems = {p.stem for p in PACKAGE_CONFIGS.glob("*.yml")}
+    assert set(packaged_configs()) == stems | set(ALIASES) and set(ALIASES.values()) <= stems
+    names = {name: read_postprocessor_section(path)["name"] for name, path in packaged_configs().items()}
+    assert names["diffguard_cifar10"] == "diffguard" and names["fusion_diffguard_ebo_cifar10"] == "diffguard_fusion"
+    assert names["diffnb_imagenet"] == "diffnb" and names["lfdn"] == "lfdn"
+    assert set(names.values()) <= set(POSTPROCESSORS)
 
 
 def test_launcher_resolves_preset_names_and_cli_has_eval(tmp_path):
@@ -52,8 +54,8 @@ def test_launcher_resolves_preset_names_and_cli_has_eval(tmp_path):
 
     own = tmp_path / "a.yml"
     own.write_text("x: 1\n")
-    args = resolve_config_args(["--config", str(own), "diffnb", "missing/lfdn.yml", "--mark", "diffnb"])
-    assert args == ["--config", str(own), str(PACKAGE_CONFIGS / "diffnb.yml"), str(PACKAGE_CONFIGS / "lfdn.yml"),
-                    "--mark", "diffnb"]
+    args = resolve_config_args(["--config", str(own), "diffnb_imagenet", "missing/lfdn.yml", "--mark", "diffnb"])
+    assert args == ["--config", str(own), str(PACKAGE_CONFIGS / "diffnb_imagenet.yml"),
+                    str(PACKAGE_CONFIGS / "lfdn_cifar10.yml"), "--mark", "diffnb"]  # lfdn: alias of lfdn_cifar10
     ns = build_parser().parse_args(["eval", "--config", "a.yml", "diffguard", "--network.checkpoint", "c.ckpt"])
     assert ns.openood_args == ["--config", "a.yml", "diffguard", "--network.checkpoint", "c.ckpt"]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..metrics import ood_metrics
 from .rules import RULES
 from .score_fusion import ScoreFusion
 from .scores_io import align, load_scores
@@ -30,23 +31,14 @@ METRIC_COLUMNS = ("AUROC", "AUPR_IN", "AUPR_OUT", "FPR@95_OpenOOD", "FPR@95_IDpo
 
 
 def _ood_metrics(conf_id: np.ndarray, conf_ood: np.ndarray) -> dict[str, float]:
-    """OpenOOD v1.5 metrics (fractions) + the papers' FPR@95. Private stand-in until
-    ``openood_diffguard.metrics`` lands; swap this one function then.
+    """``openood_diffguard.metrics`` (OpenOOD v1.5's definitions) under this table's column names.
 
     FPR@95_OpenOOD: share of ID flagged OOD when 95 % of OOD are caught (OOD = positive, OpenOOD v1.5).
     FPR@95_IDpos: share of OOD accepted when 95 % of ID are accepted (DiffGuard / DLSR / pre-2023-08 OpenOOD).
     """
-    from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
-
-    conf = np.r_[conf_id, conf_ood]
-    is_id = np.r_[np.ones(conf_id.size), np.zeros(conf_ood.size)]
-    fpr, tpr, _ = roc_curve(1 - is_id, -conf)
-    fpr_id, tpr_id, _ = roc_curve(is_id, conf)
-    p_in, r_in, _ = precision_recall_curve(is_id, conf)
-    p_out, r_out, _ = precision_recall_curve(1 - is_id, -conf)
-    return {"AUROC": roc_auc_score(is_id, conf), "AUPR_IN": auc(r_in, p_in), "AUPR_OUT": auc(r_out, p_out),
-            "FPR@95_OpenOOD": float(fpr[np.argmax(tpr >= 0.95)]),
-            "FPR@95_IDpos": float(fpr_id[np.argmax(tpr_id >= 0.95)])}
+    m = ood_metrics(np.r_[conf_id, conf_ood], np.r_[np.zeros(conf_id.size, np.int64), -np.ones(conf_ood.size, np.int64)])
+    return {"AUROC": m.auroc, "AUPR_IN": m.aupr_in, "AUPR_OUT": m.aupr_out,
+            "FPR@95_OpenOOD": m.fpr95_ood_positive, "FPR@95_IDpos": m.fpr95_id_positive}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -34,53 +34,10 @@ require_openood()
 from openood.postprocessors import BasePostprocessor  # noqa: E402
 from openood.utils import Config  # noqa: E402
 
+from ..fusion.baselines import BASELINE_ARGS  # noqa: E402
 from ..cache import ScoreCache, cached_statistics, default_cache_root, module_fingerprint, namespace  # noqa: E402
-from ..registry import detector_class  # noqa: E402
-
-WRAPPER_KEYS = ("detector", "cache_dir", "cache")
-
-
-def plain(obj: Any) -> Any:
-    """OpenOOD ``Config`` (dict subclass with attribute access) -> plain dicts/lists, recursively."""
-    if isinstance(obj, Mapping):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
-
-
-def _section(config: Any, key: str) -> dict:
-    """``config[key]`` as a dict; OpenOOD's Config returns None for missing attributes, so test membership."""
-    return plain(config[key]) if key in config and config[key] is not None else {}
-
-
-def dataset_normalization(config: Any) -> str | None:
-    """normalisation key from a (merged or Evaluator) config: normalization_type, else dataset.name."""
-    ds = _section(config, "dataset")
-    return ds.get("normalization_type") or ds.get("name")
-
-
-def sweep_parameters(sweep: Mapping[str, Any], allowed: Mapping[str, Any], owner: str) -> list[str]:
-    """Parameter names of the sweep keys (``<param>_list`` or ``<param>``), in key order."""
-    names = []
-    for key in sweep:
-        name = key[:-5] if key.endswith("_list") and key[:-5] in allowed else key
-        if name not in allowed:
-            raise KeyError(f"{owner}: postprocessor_sweep key {key!r} names no parameter; sweepable: "
-                           f"{sorted(f'{p}_list' for p in allowed)}")
-        names.append(name)
-    return names
-
-
-def _aps_flags(pp: Mapping[str, Any], sweep: Mapping[str, Any], owner: str) -> bool:
-    aps = bool(pp.get("APS_mode", False))
-    if aps and not sweep:
-        # OpenOOD's Evaluator recurses forever on an empty grid: refuse early, with the fix
-        raise ValueError(f"{owner}: APS_mode is True but postprocessor_sweep is empty; add <param>_list "
-                         "entries or set APS_mode: False")
-    if aps and any(not isinstance(v, (list, tuple)) or not v for v in sweep.values()):
-        raise ValueError(f"{owner}: every postprocessor_sweep entry must be a non-empty list, got {sweep}")
-    return aps
+from .sections import (aps_flag, detector_from_section, fusion_detector_section, section,  # noqa: E402
+                       split_wrapper_args, sweep_parameters)
 
 
 class DetectorPostprocessor(BasePostprocessor):
@@ -91,17 +48,11 @@ class DetectorPostprocessor(BasePostprocessor):
 
     def __init__(self, config: Any, detector: Any = None) -> None:
         super().__init__(config)
-        pp = _section(config, "postprocessor")
-        args = dict(pp.get("postprocessor_args") or {})
-        wrapper = {k: args.pop(k) for k in WRAPPER_KEYS if k in args}
-        name = wrapper.get("detector") or self.detector_name or pp.get("name")
+        pp = section(config, "postprocessor")
         if detector is None:
-            cls = detector_class(name)
-            if "normalization" in cls.DEFAULTS and args.get("normalization") is None:
-                norm = dataset_normalization(config)
-                if norm is not None:
-                    args["normalization"] = norm
-            detector = cls(**args)
+            detector, wrapper = detector_from_section(pp, section(config, "dataset"), self.detector_name)
+        else:
+            wrapper = split_wrapper_args(pp)[0]
         self.detector = detector
         self.cache_dir = wrapper.get("cache_dir")
         self.use_disk_cache = bool(wrapper.get("cache", True))
@@ -113,7 +64,7 @@ class DetectorPostprocessor(BasePostprocessor):
                           "re-runs the detector (cached separately); only cheap parameters "
                           f"{list(self.detector.cheap_params)} re-score cached statistics")
         # the Evaluator's by-name factory sets these, main.py and passed objects do not (AttributeError)
-        self.APS_mode = _aps_flags(pp, self.args_dict, type(self).__name__)
+        self.APS_mode = aps_flag(pp, self.args_dict, type(self).__name__)
         self.hyperparam_search_done = False
         self.setup_flag = False
         self._transient()
@@ -199,21 +150,6 @@ class LFDNPostprocessor(DetectorPostprocessor):
 
 
 # ---------------------------------------------------------------------- fusion with OpenOOD baselines
-#: baseline -> its stock OpenOOD arguments (ViM: [256] only, 1000 exceeds ResNet18's 512-d features)
-BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ebo": {"temperature": 1}, "knn": {"K": 50}, "vim": {"dim": 256}, "mls": {},
-}
-FUSION_KEYS = ("detector", "detector_args", "baseline", "baseline_args", "rule", "rule_args", "cache_dir", "cache")
-
-
-def _score_fusion_class() -> Any:
-    try:
-        from ..fusion import ScoreFusion
-    except ImportError as err:
-        raise ImportError(f"FusionPostprocessor needs openood_diffguard.fusion (ScoreFusion): {err}") from err
-    return ScoreFusion
-
-
 def openood_postprocessor(name: str, args: Mapping[str, Any], dataset: Mapping[str, Any]) -> Any:
     """One of OpenOOD's own postprocessors, built by its own (main.py) factory from a small Config."""
     from openood.postprocessors import utils as pp_utils
@@ -228,6 +164,9 @@ def openood_postprocessor(name: str, args: Mapping[str, Any], dataset: Mapping[s
 class FusionPostprocessor(BasePostprocessor):
     """Our detector fused with one of OpenOOD's ebo / knn / vim / mls postprocessors (methods.md §5).
 
+    The yml schema is ``fusion.presets`` (shared with the standalone path): ``detector``, ``detector_preset``
+    (a packaged detector yml whose args are used), ``detector_args``, ``baseline``, ``baseline_args``, ``rule``,
+    ``rule_args``, ``cache_dir``, ``cache``.
     The baseline runs on every sample (cheap); our detector only where the fusion rule needs it (the
     cascade routes), with its statistics cached. Calibration (ECDFs) uses ID ``val`` only, never the
     augmented ``main.py`` train loader; rules fitted on OOD-val (logistic) also read ``ood['val']``.
@@ -235,40 +174,36 @@ class FusionPostprocessor(BasePostprocessor):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        pp = _section(config, "postprocessor")
-        args = dict(pp.get("postprocessor_args") or {})
-        unknown = set(args) - set(FUSION_KEYS)
-        if unknown:
-            raise TypeError(f"FusionPostprocessor: unknown postprocessor_args {sorted(unknown)}; allowed: {FUSION_KEYS}")
-        if "detector" not in args:
-            raise KeyError("FusionPostprocessor: set postprocessor_args.detector (e.g. diffguard)")
-        self.baseline_name = args.get("baseline", "ebo")
-        if self.baseline_name not in BASELINE_DEFAULTS:
-            raise ValueError(f"fusion baseline must be one of {sorted(BASELINE_DEFAULTS)}, got {self.baseline_name!r}")
-        self.baseline_args = {**BASELINE_DEFAULTS[self.baseline_name], **(args.get("baseline_args") or {})}
-        dataset = _section(config, "dataset")
-        self.baseline = openood_postprocessor(self.baseline_name, self.baseline_args, dataset)
-        det_cfg = {"postprocessor": {"name": args["detector"], "APS_mode": False, "postprocessor_args": {
-            **(args.get("detector_args") or {}), "detector": args["detector"],
-            **{k: args[k] for k in ("cache_dir", "cache") if k in args}}}, "dataset": dataset}
-        self.diffusion = DetectorPostprocessor(Config(det_cfg))
-        self.fusion = _score_fusion_class()(args.get("rule", "rank"), **(args.get("rule_args") or {}))
+        pp = section(config, "postprocessor")
+        fusion_cfg, det_section = fusion_detector_section(pp)  # unknown keys fail here
+        self.baseline_name = fusion_cfg.baseline
+        self.baseline_args = {**BASELINE_ARGS[self.baseline_name], **fusion_cfg.baseline_args}
+        dataset = section(config, "dataset")
+        self._baseline_dataset = dataset
+        # ViM's dim may be null (safe default from the feature size): the baseline is then built in setup()
+        self.baseline = None if self.baseline_args.get("dim", 0) is None else \
+            openood_postprocessor(self.baseline_name, self.baseline_args, dataset)
+        self.diffusion = DetectorPostprocessor(Config({"postprocessor": det_section, "dataset": dataset}))
+        self.fusion = fusion_cfg.build_fusion()
         self.args_dict = dict(pp.get("postprocessor_sweep") or {})
         allowed = {**self.fusion.get_params(), **{p: None for p in self.diffusion.detector.cheap_params}}
         self._sweep = sweep_parameters(self.args_dict, allowed, "FusionPostprocessor")
-        self.APS_mode = _aps_flags(pp, self.args_dict, "FusionPostprocessor")
+        self.APS_mode = aps_flag(pp, self.args_dict, "FusionPostprocessor")
         self.hyperparam_search_done = False
         self.setup_flag = False
         self._fit_for: int | None = None
         self._calibration_data: tuple | None = None
 
     # ------------------------------------------------------------------ setup
-    def _check_vim(self, net: torch.nn.Module) -> None:
+    def _build_vim(self, net: torch.nn.Module) -> None:
+        from ..fusion.baselines import check_vim_dim, vim_default_dim
+
         w, _ = net.get_fc()
-        dims = [self.baseline_args["dim"]]
-        if dims[0] >= w.shape[1]:
-            raise ValueError(f"ViM dim={dims[0]} must be smaller than the network's feature size {w.shape[1]} "
-                             f"(the principal subspace would swallow all features); use baseline_args.dim, e.g. 256")
+        dim = self.baseline_args["dim"]
+        dim = vim_default_dim(w.shape[1]) if dim is None else check_vim_dim(dim, w.shape[1])
+        if self.baseline is None or self.baseline.dim != dim:
+            self.baseline_args["dim"] = dim
+            self.baseline = openood_postprocessor("vim", self.baseline_args, self._baseline_dataset)
 
     def _knn_cache_file(self, net: torch.nn.Module, loader: Any) -> Path:
         from ..cache import loader_source
@@ -278,10 +213,10 @@ class FusionPostprocessor(BasePostprocessor):
         return root / "knn_features" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
 
     def _setup_baseline(self, net: torch.nn.Module, id_loader_dict: Any, ood_loader_dict: Any) -> None:
+        if self.baseline_name == "vim":
+            self._build_vim(net)  # before OpenOOD's setup: a bad dim would give NaN scores, not an error
         if getattr(self.baseline, "setup_flag", False):
             return
-        if self.baseline_name == "vim":
-            self._check_vim(net)
         if self.baseline_name == "knn" and self.diffusion.use_disk_cache:
             # KNN's setup re-extracts every ID train feature: keep them on disk per (net, train set)
             path = self._knn_cache_file(net, id_loader_dict["train"])

@@ -4,7 +4,9 @@
 (``openood.postprocessors``, ``openood.postprocessors.utils`` and each pipeline that imported it) with a
 factory that serves our names and delegates everything else, adds our names to the Evaluator's table and
 swaps the Evaluator's factory for one that reads our yml from ``config_root`` or, if absent there, from
-this package, so OpenOOD never tries to download a config for our names.
+this package, so OpenOOD never tries to download a config for our names. The Evaluator's table is keyed by
+the name it is given (a yml stem, e.g. ``diffguard_cifar10``); the class comes from that yml's
+``postprocessor.name`` (``diffguard``), exactly the class main.py's factory builds from the same yml.
 """
 from __future__ import annotations
 
@@ -20,11 +22,29 @@ from . import require_openood
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "postprocessors"
 _MARK = "openood_diffguard_patched"
 
+#: generic names -> the default preset (one yml per preset; the generic name is an alias, not a copy).
+#: Each is the preset whose arguments are closest to the detector's own DEFAULTS.
+ALIASES: dict[str, str] = {
+    "diffguard": "diffguard_gdm_imagenet",
+    "diffnb": "diffnb_cifar10",
+    "lfdn": "lfdn_cifar10",
+    "diffguard_fusion": "fusion_diffguard_ebo_cifar10",
+}
+
 
 @lru_cache(maxsize=None)
 def packaged_configs() -> dict[str, Path]:
-    """Our yml presets shipped in the package: name (file stem) -> path."""
-    return {p.stem: p for p in sorted(PACKAGE_CONFIGS.glob("*.yml"))}
+    """Our yml presets shipped in the package: name (file stem, or alias of one) -> path."""
+    files = {p.stem: p for p in sorted(PACKAGE_CONFIGS.glob("*.yml"))}
+    return {**files, **{alias: files[stem] for alias, stem in ALIASES.items() if stem in files}}
+
+
+def read_postprocessor_section(path: str | Path) -> dict:
+    """The ``postprocessor`` section of a yml (a clear error if the file has none)."""
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(cfg.get("postprocessor"), dict):
+        raise ValueError(f"{path}: no 'postprocessor' section (OpenOOD postprocessor yml expected)")
+    return cfg["postprocessor"]
 
 
 def postprocessor_config(name: str, config_root: str | Path | None = None) -> Path:
@@ -41,15 +61,20 @@ def postprocessor_config(name: str, config_root: str | Path | None = None) -> Pa
 
 
 def class_for(pp: dict) -> Any:
-    """Our postprocessor class for a ``postprocessor`` config section, or None if the name is not ours."""
+    """Our postprocessor class for a ``postprocessor`` config section, or None if it is not ours.
+
+    Looked up by ``pp['name']`` (what main.py does): a POSTPROCESSORS entry, else a registered detector, else
+    any section whose args name a ``detector`` (a fusion when they also name a ``baseline``).
+    """
     from ..registry import DETECTORS, POSTPROCESSORS, load
 
     name, args = pp.get("name"), pp.get("postprocessor_args") or {}
     if name in POSTPROCESSORS:
         return load(POSTPROCESSORS[name])
-    if name in packaged_configs() or name in DETECTORS or "detector" in args:
-        key = "fusion" if "baseline" in args else "detector"
-        return load(POSTPROCESSORS[key])
+    if "detector" in args:
+        return load(POSTPROCESSORS["fusion" if "baseline" in args else "detector"])
+    if name in DETECTORS:
+        return load(POSTPROCESSORS["detector"])
     return None
 
 
@@ -59,6 +84,16 @@ def our_names() -> list[str]:
     return sorted(set(POSTPROCESSORS) | set(DETECTORS) | set(packaged_configs()))
 
 
+def evaluator_class(name: str, config_root: str | Path | None = None) -> Any:
+    """Class the Evaluator builds for ``postprocessor_name=name``: from the yml's ``postprocessor.name``
+    (a preset stem such as ``diffguard_cifar10`` builds DiffGuard), or None if neither name nor yml is ours."""
+    try:
+        path = postprocessor_config(name, config_root)
+    except FileNotFoundError:
+        return class_for({"name": name}) if name in our_names() else None
+    return class_for(read_postprocessor_section(path))
+
+
 def build_postprocessor(config: Any) -> Any:
     """main.py-style factory: a merged OpenOOD config -> our postprocessor (None if the name is not ours)."""
     pp = dict(config["postprocessor"]) if "postprocessor" in config and config["postprocessor"] else {}
@@ -66,19 +101,24 @@ def build_postprocessor(config: Any) -> Any:
     return None if cls is None else cls(config)
 
 
+def _marked(factory: Callable, original: Callable) -> Callable:
+    """Tag our factory with OpenOOD's original (``register()`` is idempotent and delegates to it)."""
+    factory.openood_original = original
+    setattr(factory, _MARK, True)
+    return factory
+
+
 def _patched_main_factory(original: Callable) -> Callable:
     def get_postprocessor(config):
         pp = build_postprocessor(config)
         return original(config) if pp is None else pp
 
-    get_postprocessor.openood_original = original
-    setattr(get_postprocessor, _MARK, True)
-    return get_postprocessor
+    return _marked(get_postprocessor, original)
 
 
 def _patched_evaluator_factory(original: Callable) -> Callable:
     def get_postprocessor(config_root: str, postprocessor_name: str, id_data_name: str):
-        if postprocessor_name not in our_names():
+        if evaluator_class(postprocessor_name, config_root) is None:
             return original(config_root, postprocessor_name, id_data_name)
         from openood.utils.config import Config, merge_configs
 
@@ -89,9 +129,7 @@ def _patched_evaluator_factory(original: Callable) -> Callable:
         pp.hyperparam_search_done = False
         return pp
 
-    get_postprocessor.openood_original = original
-    setattr(get_postprocessor, _MARK, True)
-    return get_postprocessor
+    return _marked(get_postprocessor, original)
 
 
 def _unwrap(fn: Callable) -> Callable:
@@ -125,10 +163,8 @@ def _register_evaluator() -> list[str]:
         import openood.evaluation_api.postprocessor as ev_pp
     except ImportError as err:  # pandas / gdown / timm / foolbox are needed by the Evaluator only
         raise ImportError(f"OpenOOD's Evaluator could not be imported ({err}); install pandas gdown timm foolbox") from err
-    for name in our_names():
-        path = packaged_configs().get(name)
-        pp = yaml.safe_load(path.read_text())["postprocessor"] if path else {"name": name}
-        cls = class_for({**pp, "name": name})
+    for name in our_names():  # the table is keyed by the name given to the Evaluator (= yml stem)
+        cls = evaluator_class(name)
         if cls is not None:
             ev_pp.postprocessors[name] = cls
     original = _unwrap(ev_pp.get_postprocessor)

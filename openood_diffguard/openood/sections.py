@@ -1,0 +1,101 @@
+"""OpenOOD-free parsing of our postprocessor yml sections (shared by the OpenOOD postprocessors, the
+preset checks and anything that wants a yml's detector without importing OpenOOD).
+
+A section is the ``postprocessor`` mapping of an OpenOOD yml: ``name``, ``APS_mode``,
+``postprocessor_args``, ``postprocessor_sweep``. Detector sections pass their args to the detector, minus
+the wrapper's own keys ``WRAPPER_KEYS``; fusion sections follow ``fusion.presets``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+WRAPPER_KEYS = ("detector", "cache_dir", "cache")
+
+
+def plain(obj: Any) -> Any:
+    """OpenOOD ``Config`` (dict subclass with attribute access) -> plain dicts/lists, recursively."""
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def section(config: Any, key: str) -> dict:
+    """``config[key]`` as a dict; OpenOOD's Config returns None for missing attributes, so test membership."""
+    return plain(config[key]) if key in config and config[key] is not None else {}
+
+
+def dataset_normalization(dataset: Mapping[str, Any]) -> str | None:
+    """normalisation key of a ``dataset`` section (merged or Evaluator config): normalization_type, else name."""
+    return dataset.get("normalization_type") or dataset.get("name")
+
+
+def sweep_parameters(sweep: Mapping[str, Any], allowed: Mapping[str, Any], owner: str) -> list[str]:
+    """Parameter names of the sweep keys (``<param>_list`` or ``<param>``), in key order."""
+    names = []
+    for key in sweep:
+        name = key[:-5] if key.endswith("_list") and key[:-5] in allowed else key
+        if name not in allowed:
+            raise KeyError(f"{owner}: postprocessor_sweep key {key!r} names no parameter; sweepable: "
+                           f"{sorted(f'{p}_list' for p in allowed)}")
+        names.append(name)
+    return names
+
+
+def aps_flag(pp: Mapping[str, Any], sweep: Mapping[str, Any], owner: str) -> bool:
+    aps = bool(pp.get("APS_mode", False))
+    if aps and not sweep:
+        # OpenOOD's Evaluator recurses forever on an empty grid: refuse early, with the fix
+        raise ValueError(f"{owner}: APS_mode is True but postprocessor_sweep is empty; add <param>_list "
+                         "entries or set APS_mode: False")
+    if aps and any(not isinstance(v, (list, tuple)) or not v for v in sweep.values()):
+        raise ValueError(f"{owner}: every postprocessor_sweep entry must be a non-empty list, got {sweep}")
+    return aps
+
+
+def split_wrapper_args(pp: Mapping[str, Any]) -> tuple[dict, dict]:
+    """``(wrapper keys, detector args)`` of a detector section (``cache_dir`` with ``~`` expanded)."""
+    args = dict(pp.get("postprocessor_args") or {})
+    wrapper = {k: args.pop(k) for k in WRAPPER_KEYS if k in args}
+    if wrapper.get("cache_dir"):
+        wrapper["cache_dir"] = str(Path(wrapper["cache_dir"]).expanduser())
+    return wrapper, args
+
+
+def detector_from_section(pp: Mapping[str, Any], dataset: Mapping[str, Any] | None = None,
+                          default_name: str | None = None) -> tuple[Any, dict]:
+    """``(detector, wrapper_args)`` of a detector section; unknown detector parameters raise TypeError.
+
+    The detector is ``postprocessor_args.detector``, else ``default_name``, else ``postprocessor.name``
+    (a registered name or ``module:Class``). ``normalization`` defaults to the dataset's; ``cache_dir`` is
+    also the detector's own when it has one (LFDN keeps its on-the-fly checkpoints there).
+    """
+    from ..registry import detector_class
+
+    wrapper, args = split_wrapper_args(pp)
+    cls = detector_class(wrapper.get("detector") or default_name or pp.get("name"))
+    if "cache_dir" in cls.DEFAULTS and wrapper.get("cache_dir"):
+        args.setdefault("cache_dir", wrapper["cache_dir"])
+    if "normalization" in cls.DEFAULTS and args.get("normalization") is None:
+        norm = dataset_normalization(dataset or {})
+        if norm is not None:
+            args["normalization"] = norm
+    return cls(**args), wrapper
+
+
+def fusion_detector_section(pp: Mapping[str, Any]) -> tuple[Any, dict]:
+    """``(FusionConfig, detector section)`` of a fusion section: the detector's args are its
+    ``detector_preset``'s updated by ``detector_args``; the fusion's ``cache_dir`` / ``cache`` apply to it."""
+    from ..fusion.presets import parse_fusion_config
+
+    cfg = parse_fusion_config(pp, where=f"fusion postprocessor {pp.get('name')!r}")  # unknown keys fail here
+    args = dict(pp.get("postprocessor_args") or {})
+    det_args = {**cfg.resolved_detector_args(), "detector": cfg.detector,
+                **{k: args[k] for k in ("cache_dir", "cache") if k in args}}
+    return cfg, {"name": cfg.detector, "APS_mode": False, "postprocessor_args": det_args}
+
+
+def is_fusion_section(pp: Mapping[str, Any]) -> bool:
+    return "baseline" in (pp.get("postprocessor_args") or {})
