@@ -203,7 +203,8 @@ class LFDNPostprocessor(DetectorPostprocessor):
 BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "ebo": {"temperature": 1}, "knn": {"K": 50}, "vim": {"dim": 256}, "mls": {},
 }
-FUSION_KEYS = ("detector", "detector_args", "baseline", "baseline_args", "rule", "rule_args", "cache_dir", "cache")
+FUSION_KEYS = ("detector", "detector_preset", "detector_args", "baseline", "baseline_args", "rule", "rule_args",
+               "cache_dir", "cache")
 
 
 def _score_fusion_class() -> Any:
@@ -248,8 +249,10 @@ class FusionPostprocessor(BasePostprocessor):
         self.baseline_args = {**BASELINE_DEFAULTS[self.baseline_name], **(args.get("baseline_args") or {})}
         dataset = _section(config, "dataset")
         self.baseline = openood_postprocessor(self.baseline_name, self.baseline_args, dataset)
+        from ..fusion.presets import resolve_detector_args  # detector_preset's args, updated by detector_args
+
         det_cfg = {"postprocessor": {"name": args["detector"], "APS_mode": False, "postprocessor_args": {
-            **(args.get("detector_args") or {}), "detector": args["detector"],
+            **resolve_detector_args(args), "detector": args["detector"],
             **{k: args[k] for k in ("cache_dir", "cache") if k in args}}}, "dataset": dataset}
         self.diffusion = DetectorPostprocessor(Config(det_cfg))
         self.fusion = _score_fusion_class()(args.get("rule", "rank"), **(args.get("rule_args") or {}))
