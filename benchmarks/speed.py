@@ -37,9 +37,11 @@ import lfdn_speed  # noqa: E402
 OFFICIAL_GDM = {"img_s": 0.069, "unet_fwd": 246, "img_s_speed_config": 0.161}
 
 #: per preset: full and tiny settings. minimal = fewest denoiser forwards per image the algorithm needs.
+#: GDM runs one batch size (16): with its warm-up batch it already takes ~1.5 min per dtype on an H100
+#: (ADM-256 peaks at bs 32-64 for bare forwards: anchors-gpu.md §1).
 ROWS = {
     "diffguard_gdm_imagenet": dict(kind="diffguard", preset="gdm", fixed_stop=60, minimal=184,
-                                   batches=[8, 16, 32], tiny=dict(batches=[2], steps=6, fixed_stop=3, minimal=3 + 2 * 5)),
+                                   batches=[16], tiny=dict(batches=[2], steps=6, fixed_stop=3, minimal=3 + 2 * 5)),
     "diffguard_dit_imagenet": dict(kind="diffguard", preset="dit", minimal=3 * 25, batches=[16, 32, 64],
                                    tiny=dict(batches=[2], steps=4, minimal=3 * 4)),
     "diffguard_cifar10": dict(kind="diffguard", preset="cifar", minimal=3 * 50, batches=[128, 256, 512],
