@@ -273,7 +273,8 @@ def score_all(net, splits, space, diffusion_dir, lfdn_path, work: Path, o: dict,
             t0 = time.perf_counter()
             if group == "baselines":
                 if base is None:
-                    base = Baselines({"ebo": {"temperature": 1.0}, "mls": {}, "knn": {"K": 50}, "vim": {"dim": None}})
+                    k = min(50, len(splits["train"][1]))  # K 50 (OpenOOD's CIFAR value) unless the train set is smaller
+                    base = Baselines({"ebo": {"temperature": 1.0}, "mls": {}, "knn": {"K": k}, "vim": {"dim": None}})
                     base.setup(net, Batches(*splits["train"], space, 500, device))  # ViM dim None: 256 on 512-d
                 res = base.score_loader(net, loader)
                 row = {"label": res["label"] if split != "ood" else -np.ones_like(res["label"]), "pred": res["pred"],
