@@ -131,7 +131,8 @@ class ForwardCounter:
         self.n += int(args[0].shape[0])
 
 
-def run_one(preset: str, dtype: str, batch: int, batches: int, full: bool, device: str, args) -> dict:
+def make_detector(preset: str, dtype: str, batch: int, full: bool, device: str, args):
+    """(DiffGuard with random-weight models, classifier, input batch, adapter) for one preset."""
     torch.manual_seed(0)
     model, net, side, over = build(preset, full)
     params = yaml.safe_load((ROOT / "configs" / "postprocessors" / f"{PRESETS[preset]}.yml").read_text())
@@ -146,11 +147,20 @@ def run_one(preset: str, dtype: str, batch: int, batches: int, full: bool, devic
             params["max_inversion_steps"] = min(params["max_inversion_steps"], args.steps - 1)
     model, net = model.to(device), net.to(device).eval()
     det = DiffGuard(model=model, **params)
-    inner = getattr(model, "unet", None) or getattr(model, "transformer")
-    unet_count, clf_count = ForwardCounter(inner), ForwardCounter(net)
     space = ImageSpace.for_dataset(params["normalization"])
     g = torch.Generator().manual_seed(0)
     x = space.from_unit(torch.rand(batch, 3, side, side, generator=g)).to(device)
+    return det, net, x, model
+
+
+def denoiser(model: nn.Module) -> nn.Module:
+    """The network inside an adapter whose forwards are counted (UNet or DiT)."""
+    return getattr(model, "unet", None) or getattr(model, "transformer")
+
+
+def run_one(preset: str, dtype: str, batch: int, batches: int, full: bool, device: str, args) -> dict:
+    det, net, x, model = make_detector(preset, dtype, batch, full, device, args)
+    unet_count, clf_count = ForwardCounter(denoiser(model)), ForwardCounter(net)
     det.statistics(net, x)  # warm-up: metric construction, kernels
     unet_count.n = clf_count.n = 0
     stops = []

@@ -20,6 +20,25 @@ from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
 from openood_diffguard.training.diffusion import CIFAR_UNET, SCHEDULER, TINY_UNET, build_unet  # noqa: E402
 
 
+def build(full: bool, bf16: bool, timesteps: list[int], repeats: int, device: torch.device):
+    """(detector, classifier, images(bs), UNet adapter, UNet sample-evaluations per image) with random weights."""
+    cfg = dict(CIFAR_UNET if full else {**TINY_UNET, "in_channels": 3, "sample_size": 32})
+    C = 10
+    unet = build_unet(cfg, C).to(device).eval()
+    model = UNetAdapter(unet, NoiseSchedule.from_config(SCHEDULER), autocast_dtype=torch.bfloat16 if bf16 else None)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(16, C)).to(device).eval()
+    det = DiffNB(timesteps=timesteps, repeats=repeats, cfg_scale=3.0, normalization="cifar10")
+    det.model = model
+    size = cfg["sample_size"]
+
+    def images(bs: int) -> torch.Tensor:
+        return (torch.rand(bs, 3, size, size, device=device) - 0.49) / 0.25
+
+    calls = sum(t // 20 + 1 for t in timesteps) * repeats * 2
+    return det, net, images, model, calls
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--full", action="store_true", help="35.7M DiffNB CIFAR UNet (default: tiny UNet)")
@@ -28,26 +47,17 @@ def main() -> None:
     common_arguments(p, "8,32,64,128,256")
     a = p.parse_args()
     device = setup_run(a)
-    cfg = dict(CIFAR_UNET if a.full else {**TINY_UNET, "in_channels": 3, "sample_size": 32})
-    C = 10
-    unet = build_unet(cfg, C).to(device).eval()
-    model = UNetAdapter(unet, NoiseSchedule.from_config(SCHEDULER), autocast_dtype=torch.bfloat16 if a.bf16 else None)
-    n_params = sum(p.numel() for p in unet.parameters()) / 1e6
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(16, C)).to(device).eval()
     ts = [int(t) for t in a.timesteps.split(",")]
-    det = DiffNB(timesteps=ts, repeats=a.repeats, cfg_scale=3.0, normalization="cifar10")
-    det.model = model
-    size = cfg["sample_size"]
+    det, net, make_images, model, calls = build(a.full, a.bf16, ts, a.repeats, device)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
     images = {}
 
     def run(bs: int) -> None:
         if bs not in images:
-            images[bs] = ((torch.rand(bs, 3, size, size, device=device) - 0.49) / 0.25)
+            images[bs] = make_images(bs)
         det.statistics(net, images[bs])
 
     rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
-    calls = sum(t // 20 + 1 for t in ts) * a.repeats * 2
     notes = [f"UNet {n_params:.1f}M params ({'full DiffNB CIFAR config' if a.full else 'tiny config'}), "
              f"bf16={a.bf16}, timesteps={ts}, R={a.repeats}, CFG: {calls} UNet sample-evaluations per image",
              "random weights; classifier = tiny conv net (the UNet dominates)"]

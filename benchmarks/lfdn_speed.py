@@ -19,19 +19,37 @@ from openood_diffguard.detectors.lfdn import LFDN  # noqa: E402
 from openood_diffguard.features import FeatureStandardizer  # noqa: E402
 from openood_diffguard.networks import LFDNet, lfdn_schedule  # noqa: E402
 
-WIDTHS = [256, 512, 1024]
+WIDTHS = [256, 512, 1024]  # ResNet50 stages 1-3 (lfdn_imagenet); ResNet18 stages 1-4: [64, 128, 256, 512]
 
 
 class FeatureStub(torch.nn.Module):
-    """Returns (logits, [f1, f2, f3]) for any input: pre-pooled [B, D, 1, 1] ResNet50-sized maps."""
+    """Returns (logits, [f1, ...]) for any input [B, sum(widths)]: pre-pooled [B, D_i, 1, 1] feature maps."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths=tuple(WIDTHS)) -> None:
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.bounds = [0, *torch.tensor(widths).cumsum(0).tolist()]
 
     def forward(self, x, return_feature_list=False):
-        feats = [x[:, :256, None, None], x[:, 256:768, None, None], x[:, 768:, None, None]]
-        return x[:, :1000], feats
+        b = self.bounds
+        feats = [x[:, b[i]:b[i + 1], None, None] for i in range(len(b) - 1)]
+        return x[:, :10], feats
+
+
+def build(width: int, blocks: int, timesteps: list[int], first: bool, device: torch.device, widths=tuple(WIDTHS)):
+    """(detector, feature stub, features(bs), LFDN denoiser, denoiser forwards per sample) with random weights."""
+    D = sum(widths)
+    det = LFDN(layers=list(range(1, len(widths) + 1)), timesteps=timesteps)
+    det.final = LFDNet(D, width, blocks).to(device).eval()
+    det.first = LFDNet(D, width, blocks).to(device).eval() if first else None
+    det.standardizer = FeatureStandardizer(torch.zeros(D), torch.ones(D), list(widths))
+    det._schedule = lfdn_schedule()
+
+    def features(bs: int) -> torch.Tensor:
+        return torch.randn(bs, D, device=device)
+
+    per_sample = (max(timesteps) + 1) * (2 if first else 1)  # DDIM t -> clean, stride 1; final (+ first) model
+    return det, FeatureStub(widths).to(device), features, det.final, per_sample
 
 
 def main() -> None:
@@ -43,24 +61,19 @@ def main() -> None:
     common_arguments(p, "256,1024,4096,16384")
     a = p.parse_args()
     device = setup_run(a)
-    D = sum(WIDTHS)
-    det = LFDN(layers=[1, 2, 3], timesteps=[int(t) for t in a.timesteps.split(",")])
-    det.final = LFDNet(D, a.width, a.blocks).to(device).eval()
-    det.first = None if a.no_first else LFDNet(D, a.width, a.blocks).to(device).eval()
-    det.standardizer = FeatureStandardizer(torch.zeros(D), torch.ones(D), WIDTHS)
-    det._schedule = lfdn_schedule()
-    net = FeatureStub().to(device)
+    det, net, make_features, _, _ = build(a.width, a.blocks, [int(t) for t in a.timesteps.split(",")],
+                                          not a.no_first, device)
     feats = {}
 
     def run(bs: int) -> None:
         if bs not in feats:
-            feats[bs] = torch.randn(bs, D, device=device)
+            feats[bs] = make_features(bs)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
             det.statistics(net, feats[bs])
 
     rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
     n_params = sum(p.numel() for p in det.final.parameters()) / 1e6
-    notes = [f"LFDN {n_params:.1f}M params (width {a.width}, {a.blocks} blocks, {D}-d ResNet50 stages 1-3), "
+    notes = [f"LFDN {n_params:.1f}M params (width {a.width}, {a.blocks} blocks, {sum(WIDTHS)}-d ResNet50 stages 1-3), "
              f"timesteps {det.params['timesteps']}, eta 0, models: final{'' if a.no_first else ' + first-epoch'}, "
              f"bf16={a.bf16}", "classifier forward excluded (stub); random weights"]
     if a.out:

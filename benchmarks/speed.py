@@ -1,0 +1,204 @@
+"""One speed table for every detector preset: img/s at the best batch size, denoiser forwards per image,
+fp32 vs bf16, and the share of the ceiling (bare denoiser forward rate / minimal forwards per image).
+
+    python benchmarks/speed.py --out benchmarks/results/speed.md                      # GPU: exact architectures
+    python benchmarks/speed.py --tiny --out benchmarks/results/speed_cpu_tiny.md      # CPU smoke run
+
+Reuses the per-detector benchmarks (diffguard_speed.py, diffnb_speed.py, lfdn_speed.py; random weights, which
+do not change speed). Rows: diffguard_gdm_imagenet (ADM-256 as ``convert adm`` lays it out, ResNet50 guidance,
+AES replaced by a fixed stop after 60 inversion steps = the paper's "stops at t ≈ 600" scenario; its forwards
+then equal the official lower bound of 184/img), diffguard_dit_imagenet (DiT-XL/2 + SD-VAE, the LDM stand-in),
+diffguard_cifar10, diffnb_cifar10, lfdn_cifar10 (ResNet18 stages 1-4, 960-d), lfdn_imagenet (ResNet50
+stages 1-3, 1792-d). The GDM row is compared with the official implementation's measured cost on an H100
+(/work/shared/docs/anchors-gpu.md §2: 0.069 img/s as shipped, main config, AES stop 59; 246 UNet
+forwards/img). Not covered: diffguard_ldm_imagenet (no LDM builder with random weights here; DiT stands in)
+and diffnb_imagenet (its model is whatever pixel UNet the user trains).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
+import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
+import torch  # noqa: E402
+from _speed import hardware, pick_device, throughput  # noqa: E402
+
+import diffguard_speed  # noqa: E402
+import diffnb_speed  # noqa: E402
+import lfdn_speed  # noqa: E402
+
+#: the official DiffGuard GDM pipeline on one H100 (anchors-gpu.md §2, main config exp6.1, AES stop i = 59)
+OFFICIAL_GDM = {"img_s": 0.069, "unet_fwd": 246, "img_s_speed_config": 0.161}
+
+#: per preset: full and tiny settings. minimal = fewest denoiser forwards per image the algorithm needs.
+#: GDM runs one batch size (16): with its warm-up batch it already takes ~1.5 min per dtype on an H100
+#: (ADM-256 peaks at bs 32-64 for bare forwards: anchors-gpu.md §1).
+ROWS = {
+    "diffguard_gdm_imagenet": dict(kind="diffguard", preset="gdm", fixed_stop=60, minimal=184,
+                                   batches=[16], tiny=dict(batches=[2], steps=6, fixed_stop=3, minimal=3 + 2 * 5)),
+    "diffguard_dit_imagenet": dict(kind="diffguard", preset="dit", minimal=3 * 25, batches=[16, 32, 64],
+                                   tiny=dict(batches=[2], steps=4, minimal=3 * 4)),
+    "diffguard_cifar10": dict(kind="diffguard", preset="cifar", minimal=3 * 50, batches=[128, 256, 512],
+                              tiny=dict(batches=[4], steps=4, minimal=3 * 4)),
+    "diffnb_cifar10": dict(kind="diffnb", timesteps=[300], repeats=4, minimal=4 * 15 * 2, batches=[64, 128, 256],
+                           tiny=dict(batches=[2], timesteps=[40], repeats=1, minimal=1 * 2 * 2)),
+    "lfdn_cifar10": dict(kind="lfdn", widths=(64, 128, 256, 512), width=1440, blocks=16, minimal=2 * 4,
+                         batches=[1024, 4096, 16384], tiny=dict(batches=[256], width=64, blocks=2)),
+    "lfdn_imagenet": dict(kind="lfdn", widths=(256, 512, 1024), width=1440, blocks=16, minimal=2 * 4,
+                          batches=[1024, 4096, 16384], tiny=dict(batches=[256], width=64, blocks=2)),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_rate(forward, batch_sizes: list[int], device: torch.device, seconds: float) -> float:
+    """Best denoiser forwards/s over the batch sizes (the ceiling's numerator)."""
+    with torch.no_grad():
+        rates = throughput(forward, batch_sizes, device, seconds)
+    return max(rates.values()) if rates else float("nan")
+
+
+def adapter_forward(model, dtype: str, device: torch.device):
+    """forward(bs) = one ``model.eps`` call on random inputs of the model's own shape."""
+    model.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+    side, ch = model.sample_size, model.in_channels
+    cache = {}
+
+    def forward(bs: int) -> None:
+        if bs not in cache:
+            t = torch.randint(0, 1000, (bs,), device=device)
+            y = None if model.num_classes is None else torch.randint(0, model.num_classes, (bs,), device=device)
+            cache[bs] = (torch.randn(bs, ch, side, side, device=device), t, y)
+        model.eps(*cache[bs])
+
+    return forward
+
+
+def diffguard_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float) -> dict:
+    args = SimpleNamespace(no_aes=False, fixed_stop=cfg.get("fixed_stop"), steps=cfg.get("steps"))
+    runs = [diffguard_speed.run_one(cfg["preset"], dtype, bs, 1, not tiny, str(device), args) for bs in cfg["batches"]]
+    best = max(runs, key=lambda r: r["img_s"])
+    _, _, _, model = diffguard_speed.make_detector(cfg["preset"], dtype, 1, not tiny, str(device), args)
+    rate = bare_rate(adapter_forward(model, dtype, device), [b * 2 for b in cfg["batches"]], device, seconds)
+    return dict(img_s=best["img_s"], batch=best["batch"], fwd=best["unet_fwd"], clf=best["clf_fwd"], bare=rate,
+                params=best["params"])
+
+
+def diffnb_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float) -> dict:
+    det, net, images, model, _ = diffnb_speed.build(not tiny, dtype == "bf16", cfg["timesteps"], cfg["repeats"], device)
+    counter = diffguard_speed.ForwardCounter(model.unet)
+    cache = {}
+
+    def run(bs: int) -> None:
+        if bs not in cache:
+            cache[bs] = images(bs)
+        det.statistics(net, cache[bs])
+
+    counter.n = 0
+    run(cfg["batches"][0])
+    fwd = counter.n / cfg["batches"][0]
+    rates = throughput(run, cfg["batches"], device, seconds)
+    best = max(rates, key=rates.get)
+    rate = bare_rate(adapter_forward(model, dtype, device), [b * 2 for b in cfg["batches"]], device, seconds)
+    return dict(img_s=rates[best], batch=best, fwd=fwd, clf=float("nan"), bare=rate,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def lfdn_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float) -> dict:
+    det, net, features, lfdn, _ = lfdn_speed.build(cfg["width"], cfg["blocks"], [3], True, device, cfg["widths"])
+    counter = diffguard_speed.ForwardCounter(lfdn)
+    cache = {}
+    bf16 = dtype == "bf16"
+
+    def run(bs: int) -> None:
+        if bs not in cache:
+            cache[bs] = features(bs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            det.statistics(net, cache[bs])
+
+    run(cfg["batches"][0])
+    fwd = 2 * counter.n / cfg["batches"][0]  # final + first-epoch model: the counter sees the final one
+    rates = throughput(run, cfg["batches"], device, seconds)
+    best = max(rates, key=rates.get)
+    D = sum(cfg["widths"])
+
+    def forward(bs: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            lfdn(torch.randn(bs, D, device=device), torch.full((bs,), 3, device=device))
+
+    rate = bare_rate(forward, cfg["batches"], device, seconds)
+    return dict(img_s=rates[best], batch=best, fwd=fwd, clf=float("nan"), bare=rate,
+                params=sum(p.numel() for p in lfdn.parameters()))
+
+
+BUILDERS = {"diffguard": diffguard_row, "diffnb": diffnb_row, "lfdn": lfdn_row}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny stand-in models and step counts (CPU smoke run)")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per batch size")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    results = []
+    for name in args.rows:
+        cfg = {**ROWS[name], **(ROWS[name]["tiny"] if args.tiny else {})}
+        for dtype in args.dtype:
+            t0 = time.perf_counter()
+            r = BUILDERS[cfg["kind"]](name, cfg, dtype, args.tiny, device, args.seconds)
+            ceiling = r["bare"] / cfg["minimal"]
+            r.update(name=name, dtype=dtype, minimal=cfg["minimal"], ceiling=ceiling, share=r["img_s"] / ceiling)
+            results.append(r)
+            print(f"{name} {dtype}: {r['img_s']:.3f} img/s at batch {r['batch']}, {r['fwd']:.1f} fwd/img "
+                  f"(minimal {cfg['minimal']}), bare {r['bare']:.1f} fwd/s -> ceiling {ceiling:.3f} img/s, "
+                  f"{100 * r['share']:.0f} % of it ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.out:
+        write(args, device, results)
+    return 0
+
+
+def write(args, device: torch.device, results: list[dict]) -> None:
+    label = "CPU smoke run (tiny stand-in models, short step counts): not a result" if args.tiny else \
+        "exact architectures, random weights"
+    lines = [f"# Detector speed, every preset ({label})", "",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             f"- device: {hardware(device)}; torch {torch.__version__}, python {platform.python_version()}",
+             f"- command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
+             "- fwd/img: denoiser image-forwards per image, counted (a CFG step counts 2; LFDN: final + first-epoch "
+             "model); minimal: fewest the algorithm needs; ceiling = bare denoiser forwards/s (best batch) / minimal; "
+             "share = img/s / ceiling", "",
+             "| preset | dtype | best batch | img/s | fwd/img | minimal fwd/img | bare fwd/s | ceiling img/s | share of ceiling | denoiser params (M) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['img_s']:.3f} | {r['fwd']:.1f} | {r['minimal']} | "
+                     f"{r['bare']:.1f} | {r['ceiling']:.3f} | {100 * r['share']:.0f} % | {r['params'] / 1e6:.2f} |")
+    gdm = [r for r in results if r["name"] == "diffguard_gdm_imagenet"]
+    if gdm and not args.tiny:
+        lines += ["", "DiffGuard GDM (ADM-256) against the official implementation on one H100 (anchors-gpu.md §2: "
+                  f"{OFFICIAL_GDM['img_s']} img/s as shipped, main config, {OFFICIAL_GDM['unet_fwd']} UNet forwards/img; "
+                  f"speed config {OFFICIAL_GDM['img_s_speed_config']} img/s):", ""]
+        lines += [f"- {r['dtype']}: {r['img_s']:.3f} img/s = **{r['img_s'] / OFFICIAL_GDM['img_s']:.1f}x** the official "
+                  f"main config, {r['fwd']:.0f} vs {OFFICIAL_GDM['unet_fwd']} UNet forwards/img" for r in gdm]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""benchmarks/cifar_osr.py and benchmarks/speed.py: data handling (checksum, split, held-out val), the
+forward counts speed.py reports against their known minimal values, and (slow) the whole CPU smoke runs."""
+import hashlib
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks")]
+
+import cifar_osr  # noqa: E402
+
+
+def fake_archive(folder: Path, per_class: int = 3) -> Path:
+    """A CIFAR-10-JPEG-shaped archive: <top>/{train,test}/<class>/<nnnn>.jpg, pixel value = class index * 20."""
+    from PIL import Image
+
+    archive = folder / "cifar10-jpeg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            for k, name in enumerate(cifar_osr.CLASSES):
+                for i in range(per_class):
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((32, 32, 3), 20 * k + i, np.uint8)).save(buf, "JPEG", quality=100)
+                    info = tarfile.TarInfo(f"CIFAR-10-images/{split}/{name}/{i:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    (folder / "sha256sums.txt").write_text(f"{digest}  cifar10-jpeg.tar.gz\n")
+    return archive
+
+
+def test_extract_checks_the_checksum_and_splits_are_disjoint(tmp_path):
+    data, work = tmp_path / "data", tmp_path / "work"
+    data.mkdir()
+    fake_archive(data, per_class=4)
+    root = cifar_osr.extract(data, work)
+    assert (root / "train" / "airplane" / "0000.jpg").is_file() and (root / ".extracted").is_file()
+    o = {"train_per_class": None, "val_per_class": 1, "test_per_class": 2}
+    s = cifar_osr.load_splits(root, work, o)
+    assert sorted(set(s["train"][1])) == cifar_osr.KNOWN and sorted(set(s["ood"][1])) == cifar_osr.UNKNOWN
+    assert len(s["train"][1]) == 6 * 3 and len(s["val"][1]) == 6 and len(s["test"][1]) == 12
+    # val = the last train image of each known class, never in train (pixel value 20 k + i identifies it)
+    val_ids = {int(x[0, 0, 0].round()) for x in s["val"][0].astype(float)}
+    train_ids = {int(x[0, 0, 0].round()) for x in s["train"][0].astype(float)}
+    assert val_ids == {20 * k + 3 for k in cifar_osr.KNOWN} and not val_ids & train_ids
+
+
+def test_extract_refuses_a_wrong_checksum(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    fake_archive(data)
+    (data / "sha256sums.txt").write_text("0" * 64 + "  cifar10-jpeg.tar.gz\n")
+    with pytest.raises(ValueError, match="sha256"):
+        cifar_osr.extract(data, tmp_path / "work")
+    with pytest.raises(FileNotFoundError, match="data-dir"):
+        cifar_osr.extract(tmp_path / "nowhere", tmp_path / "work")
+
+
+def test_speed_lfdn_row_counts_the_minimal_forwards(single_thread):
+    import speed
+
+    cfg = {**speed.ROWS["lfdn_cifar10"], **speed.ROWS["lfdn_cifar10"]["tiny"], "batches": [64]}
+    r = speed.lfdn_row("lfdn_cifar10", cfg, "fp32", True, speed.pick_device("cpu"), 0.05)
+    assert r["fwd"] == cfg["minimal"] == 8  # t = 3: 4 DDIM steps to the clean level, final + first-epoch model
+    assert r["img_s"] > 0 and r["bare"] > 0
+
+
+@pytest.mark.slow
+def test_speed_diffguard_cifar_row_counts_the_minimal_forwards():
+    import speed
+
+    cfg = {**speed.ROWS["diffguard_cifar10"], **speed.ROWS["diffguard_cifar10"]["tiny"]}
+    r = speed.diffguard_row("diffguard_cifar10", cfg, "fp32", True, speed.pick_device("cpu"), 0.1)
+    assert r["fwd"] == cfg["minimal"] == 12  # 4 inversion steps (null class) + 4 CFG steps x 2
+
+
+@pytest.mark.slow
+def test_cifar_osr_tiny_runs_end_to_end(tmp_path):
+    out = tmp_path / "osr.md"
+    assert cifar_osr.main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "CPU smoke run, not a result" in text and "| DiffGuard |" in text and "| DiffGuard + EBO (cascade) |" in text
+    assert (tmp_path / "osr_roc.png").is_file()
