@@ -45,7 +45,7 @@ class DemoConfig:
     size: int = 8
     seed: int = 0
     classifier_epochs: int = 30
-    diffusion_steps: int = 1500
+    diffusion_steps: int = 800
     diffusion_batch: int = 64
     n_test: int | None = None  # per side (ID / OOD); None = all 325 ID and as many OOD
     diffguard_steps: int = 25
