@@ -270,7 +270,8 @@ def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cac
         if not need.any():
             continue
         sel = torch.from_numpy(np.nonzero(need)[0])
-        stats = detector.statistics(net, batch["data"][sel].to(device), None)
+        given = torch.as_tensor(batch["label"])[sel].to(device) if getattr(detector, "needs_labels", False) else None
+        stats = detector.statistics(net, batch["data"][sel].to(device), given)
         if "pred" not in stats:
             raise KeyError(f"{type(detector).__name__}.statistics must return 'pred' (Detector contract)")
         new_keys = [keys[i] for i in sel.tolist()]

@@ -49,3 +49,26 @@ def test_classifier_output_checks():
         check_classifier_output(torch.zeros(2, 5), 10)
     with pytest.raises(ValueError, match="NaN"):
         check_classifier_output(torch.full((2, 10), float("nan")), 10)
+
+
+class LabelEcho(Toy):
+    """Analysis-mode detector: its statistics need the test labels (like DiffGuard's oracle mode)."""
+
+    @property
+    def needs_labels(self):
+        return True
+
+    def statistics(self, net, images, labels=None):
+        assert labels is not None, "loader did not pass labels to a detector that needs them"
+        return {"pred": labels.clone(), "maxlogit": labels.float()}
+
+
+def test_label_needing_detectors_get_labels_from_both_loader_paths(tmp_path):
+    from openood_diffguard.cache import ScoreCache, cached_statistics
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    x = torch.randn(4, 3, 2, 2)
+    batch = {"data": x, "label": torch.tensor([0, -1, 2, -1]), "index": torch.arange(4), "image_name": [f"i{i}" for i in range(4)]}
+    assert LabelEcho().statistics_loader(net, [batch], progress=False)["maxlogit"].tolist() == [0, -1, 2, -1]
+    out = cached_statistics(LabelEcho(), net, [batch], ScoreCache(tmp_path, "ns"), progress=False)
+    assert out.stats["maxlogit"].tolist() == [0, -1, 2, -1]

@@ -61,6 +61,12 @@ class Detector(ABC):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ scoring
+    @property
+    def needs_labels(self) -> bool:
+        """True when ``statistics`` must see the test labels (analysis modes such as DiffGuard's oracle
+        labels); loaders then pass ``batch['label']`` instead of None."""
+        return False
+
     def setup(self, net: torch.nn.Module, id_loaders: Mapping[str, Iterable] | None = None,
               ood_loaders: Mapping[str, Iterable] | None = None) -> None:
         """Load models / fit statistics on ID data. Called once; must be idempotent."""
@@ -85,7 +91,7 @@ class Detector(ABC):
         device = device or next(net.parameters()).device
         for batch in tqdm(loader, disable=not progress, desc=f"{self.name} scoring"):
             x, y = (batch["data"], batch["label"]) if isinstance(batch, Mapping) else (batch[0], batch[1])
-            stats = self.statistics(net, x.to(device), None)
+            stats = self.statistics(net, x.to(device), torch.as_tensor(y).to(device) if self.needs_labels else None)
             for k, v in stats.items():
                 chunks.setdefault(k, []).append(v.detach().cpu())
             labels.append(torch.as_tensor(y).cpu())

@@ -209,6 +209,10 @@ class DiffGuard(Detector):
         stats.update(self._similarities(net, images, self._space(), syn.get("reference"), syn["synthesis"], syn["embedding"]))
         return stats
 
+    @property
+    def needs_labels(self) -> bool:
+        return self.params["label_mode"] == "oracle"
+
     def confidence(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         key = f"sim_{self.params['similarity']}"
         if key not in stats:
