@@ -72,3 +72,16 @@ def test_label_needing_detectors_get_labels_from_both_loader_paths(tmp_path):
     assert LabelEcho().statistics_loader(net, [batch], progress=False)["maxlogit"].tolist() == [0, -1, 2, -1]
     out = cached_statistics(LabelEcho(), net, [batch], ScoreCache(tmp_path, "ns"), progress=False)
     assert out.stats["maxlogit"].tolist() == [0, -1, 2, -1]
+
+
+def test_validate_params_runs_on_construction_and_every_set_params():
+    class Checked(Toy):
+        def validate_params(self):
+            if self.params["steps"] < 1:
+                raise ValueError("steps must be >= 1")
+
+    with pytest.raises(ValueError, match="steps"):
+        Checked(steps=0)
+    d = Checked()
+    with pytest.raises(ValueError, match="steps"):
+        d.set_params(steps=-3)

@@ -35,6 +35,7 @@ class Detector(ABC):
         self.params: dict[str, Any] = {**self.DEFAULTS, **params}
         for k in self.heavy_attributes:
             setattr(self, k, None)
+        self.validate_params()
 
     # ------------------------------------------------------------------ parameters
     def set_params(self, **params: Any) -> "Detector":
@@ -43,9 +44,13 @@ class Detector(ABC):
             raise TypeError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}")
         expensive = {k for k in params if k not in self.cheap_params and params[k] != self.params.get(k)}
         self.params.update(params)
+        self.validate_params()
         if expensive:
             self._on_expensive_change(expensive)
         return self
+
+    def validate_params(self) -> None:
+        """Hook: check (and normalise) ``self.params``; runs after construction and every ``set_params``."""
 
     def _on_expensive_change(self, changed: set[str]) -> None:
         """Hook: drop state derived from changed expensive parameters (default: nothing)."""

@@ -104,7 +104,6 @@ class DiffGuard(Detector):
 
     def __init__(self, model: DiffusionModel | None = None, **params: Any) -> None:
         super().__init__(**params)
-        self._check_params()
         self.model = model
         self._user_model = model is not None
         self._perceptual: dict[str, PerceptualDistance] | None = None
@@ -112,7 +111,7 @@ class DiffGuard(Detector):
                                 seed=self.params["cutout_seed"])
 
     # ------------------------------------------------------------------ configuration
-    def _check_params(self) -> None:
+    def validate_params(self) -> None:
         p = self.params
         choices = {"guidance": ("classifier", "cfg"), "reference": ("uncond", "input"), "label_mode": ("pred", "oracle"),
                    "dtype": ("fp32", "bf16"), "model_type": ("unet", "dit", "ldm"),
@@ -132,7 +131,6 @@ class DiffGuard(Detector):
                           "analysis only, not a detector", stacklevel=3)
 
     def _on_expensive_change(self, changed: set[str]) -> None:
-        self._check_params()
         if changed & {"model_path", "model_type"} and not self._user_model:
             self.model = None
         if changed & {"metric_weights", "pretrained_metrics"}:

@@ -60,11 +60,7 @@ class DiffNB(Detector):
     cheap_params = ("aggregate", "max_model_batch")  # neither changes the statistics
     heavy_attributes = ("model",)
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self._validate_params()
-
-    def _validate_params(self) -> None:
+    def validate_params(self) -> None:
         p = self.params
         ts = p["timesteps"]
         if isinstance(ts, int):
@@ -78,11 +74,6 @@ class DiffNB(Detector):
             raise ValueError("repeats must be >= 1")
         if p["aggregate"] not in ("mean", "max"):
             raise ValueError("aggregate must be 'mean' or 'max'")
-
-    def set_params(self, **params: Any) -> "DiffNB":
-        super().set_params(**params)
-        self._validate_params()
-        return self
 
     # ------------------------------------------------------------------ models
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:

@@ -54,11 +54,7 @@ class LFDN(Detector):
     cheap_params = ("score", "mfsim_layer1", "lr_sign")
     heavy_attributes = ("final", "first", "standardizer")
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self._validate()
-
-    def _validate(self) -> None:
+    def validate_params(self) -> None:
         p = self.params
         if p["score"] not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {p['score']!r}")
@@ -68,11 +64,6 @@ class LFDN(Detector):
             raise ValueError(f"timesteps must lie in [0, 99] (T = 100), got {p['timesteps']}")
         if float(p["eta"]) < 0:
             raise ValueError("eta must be >= 0")
-
-    def set_params(self, **params: Any) -> "LFDN":
-        super().set_params(**params)
-        self._validate()
-        return self
 
     # ------------------------------------------------------------------ models
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:
