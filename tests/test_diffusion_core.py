@@ -160,3 +160,40 @@ def test_bad_labels_and_indices_raise(linear_schedule):
     with pytest.raises(ValueError, match="start"):
         DDIM(linear_schedule).invert(model_eps(model), torch.zeros(2, 2, 1, 1), levels, start=2, stop=1)
     assert levels[0] == CLEAN
+
+
+def test_stochastic_sampling_matches_the_linear_gaussian_recursion(linear_schedule):
+    """eta = 1 with the exact eps of N(0, s^2): every step is linear, x_s = c x_t + sigma z, so the variance
+    of the samples must follow Var_s = c^2 Var_t + sigma^2 exactly (a wrong noise scale or coefficient fails)."""
+    s, n = 0.5, 40000
+    model = gaussian_model(torch.zeros(1, dtype=torch.float64), s, linear_schedule)
+    levels = linear_schedule.levels(linear_schedule.timesteps(10))
+    a = linear_schedule.alpha_bar(levels).double()
+    var = float(a[-1] * s**2 + 1 - a[-1])
+    x = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * var ** 0.5
+    for eta in (0.0, 1.0, 0.5):
+        out = DDIM(linear_schedule).sample(model_eps(model), x, levels, eta=eta,
+                                           generator=torch.Generator().manual_seed(1))
+        v = var
+        for i in range(len(levels) - 1, 0, -1):
+            at, as_ = a[i], a[i - 1]
+            vt = at * s**2 + 1 - at  # the model's marginal variance at level i (what its eps assumes)
+            sig2 = eta**2 * (1 - as_) / (1 - at) * (1 - at / as_)
+            c = (as_.sqrt() * at.sqrt() * s**2 + (1 - as_ - sig2).clamp(min=0).sqrt() * (1 - at).sqrt()) / vt
+            v = float(c**2 * v + sig2)
+        assert abs(float(out.var()) / v - 1) < 0.03, (eta, float(out.var()), v)
+        assert abs(float(out.mean())) < 0.02
+
+
+def test_stochastic_noise_does_not_depend_on_the_other_samples(linear_schedule):
+    model, x0 = _gauss(linear_schedule)
+    levels = linear_schedule.levels(linear_schedule.timesteps(20))
+    ddim, eps = DDIM(linear_schedule), model_eps(model)
+    start = torch.tensor([20, 12, 20, 5, 9, 20])
+    full = ddim.sample(eps, x0, levels, start=start, eta=1.0, generator=torch.Generator().manual_seed(3))
+    short = ddim.sample(eps, x0, levels, start=torch.where(torch.arange(6) == 2, start, start.clamp(max=5)),
+                        eta=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(full[2], short[2], rtol=0, atol=1e-12)  # same seed, same position -> same draws
+    assert not torch.allclose(full, ddim.sample(eps, x0, levels, start=start))  # eta = 1 differs from eta = 0
+    with pytest.raises(ValueError, match="eta"):
+        ddim.sample(eps, x0, levels, eta=-1.0)

@@ -106,3 +106,27 @@ def test_features_interface():
     torch.testing.assert_close(f[:, -64:], net(x, return_feature=True)[1])  # pooled f4 = penultimate
     with pytest.raises(TypeError, match="return_feature_list"):
         pooled_features(torch.nn.Flatten(), x, [1])
+
+
+def test_stochastic_path_equals_the_released_codes_step(trained):
+    """eta = 1 runs through the core DDIM loop; it must equal the code's step written out here
+    (x_s = sqrt(a_s) z0 + sqrt(1 - a_s - s^2) eps + s * noise, full-batch noise per step)."""
+    det, net, x_id, _ = trained
+    det.set_params(eta=1.0)
+    try:
+        sched, t = det._schedule, torch.tensor([3, 3, 5, 1])
+        z_t = torch.randn(4, det.final.config["in_dim"], generator=torch.Generator().manual_seed(0))
+        got = det._denoise(det.final, z_t, t, torch.Generator().manual_seed(7))
+        gen, x = torch.Generator().manual_seed(7), z_t.clone()
+        levels = sched.levels(torch.arange(int(t.max()) + 1))
+        for i in range(int(t.max()) + 1, 0, -1):
+            tt = levels[i].expand(4)
+            eps, z0 = sched.split_prediction(det.final(x, tt), x, tt)
+            a_t, a_s = sched.alpha_bar(levels[i]).float(), sched.alpha_bar(levels[i - 1]).float()
+            sig = ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
+            noise = torch.randn(x.shape, generator=gen)
+            new = a_s.sqrt() * z0 + (1 - a_s - sig**2).clamp(min=0).sqrt() * eps + sig * noise
+            x = torch.where((t + 1 >= i).view(-1, 1), new, x)
+        torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
+    finally:
+        det.set_params(eta=0.0)

@@ -15,9 +15,9 @@ first-epoch model only generic feature statistics, so ID samples gain more from 
 higher for ID and conf_lr = +LR. The released code ranks higher LR as OOD (test_LR.py:119); we think
 that is a sign slip and keep ``lr_sign`` (cheap, default +1) to reproduce it with -1.
 
-Sampler: ``eta = 0`` (default) runs the core deterministic DDIM with stride 1 from t to the clean
-level and scores the predicted z0: for fixed seeded noise the score is a deterministic function of the
-input. ``eta = 1`` is the code's stochastic (DDPM-like) path, also ending at the clean level.
+Sampler: the core DDIM loop with stride 1 from t to the clean level. ``eta = 0`` (default) is
+deterministic: for fixed seeded noise the score is a deterministic function of the input. ``eta = 1``
+is the code's stochastic (DDPM-like) path, also ending at the clean level.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import DDIM, FunctionAdapter, NoiseSchedule, noise_to_level
-from ..diffusion.schedule import _bcast
 from ..features import DEFAULT_LAYERS, pooled_features
 from ..guidance import model_eps
 from .base import Detector
@@ -104,26 +103,13 @@ class LFDN(Detector):
 
     # ------------------------------------------------------------------ denoising
     def _denoise(self, model: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """z_t at per-sample timesteps t -> z0_hat at the clean level, stride 1."""
+        """z_t at per-sample timesteps t -> z0_hat at the clean level, stride 1 (the core DDIM loop;
+        eta > 0 = the code's stochastic steps, noise from ``gen``)."""
         sched = self._schedule
         adapter = FunctionAdapter(lambda x, tt, y: model(x, tt), sched)
         levels = sched.levels(torch.arange(int(t.max()) + 1))  # CLEAN, 0, 1, ..., t_max
-        start = t + 1
-        if float(self.params["eta"]) == 0:
-            return DDIM(sched).sample(model_eps(adapter), z_t, levels, start=start, stop=0)
-        # stochastic DDIM step (eta > 0): x_s = sqrt(a_s) x0 + sqrt(1 - a_s - s^2) eps + s * noise
-        eta, x = float(self.params["eta"]), z_t.clone()
-        for i in range(int(start.max()), 0, -1):
-            active = (start >= i).view(-1, 1)
-            tt = levels[i].expand(x.shape[0]).to(x.device)
-            eps, x0 = sched.split_prediction(model(x, tt), x, tt)
-            a_t = _bcast(sched.alpha_bar(levels[i], like=x).expand(x.shape[0]), x)
-            a_s = _bcast(sched.alpha_bar(levels[i - 1], like=x).expand(x.shape[0]), x)
-            sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
-            noise = torch.randn(x.shape, generator=gen).to(x.device)
-            x_new = a_s.sqrt() * x0 + (1 - a_s - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
-            x = torch.where(active, x_new.to(x.dtype), x)
-        return x
+        return DDIM(sched).sample(model_eps(adapter), z_t, levels, start=t + 1, stop=0,
+                                  eta=float(self.params["eta"]), generator=gen)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The one DDIM loop (eta = 0) every detector uses: inversion x0 -> x_t and synthesis x_t -> x0.
+"""The one DDIM loop every detector uses: inversion x0 -> x_t and synthesis x_t -> x0 (eta = 0
+deterministic; ``sample(eta > 0)`` adds DDIM's stochastic term, eta = 1 being DDPM's posterior).
 
 A DDIM *path* is an increasing tensor of timesteps ``levels`` (see ``NoiseSchedule.levels``); index 0
 is usually the clean level. Every sample ``b`` of a batch carries its own state: its current index on
@@ -52,12 +53,17 @@ def _hp(v: torch.Tensor) -> torch.Tensor:
     return v if v.dtype in (torch.float32, torch.float64) else v.float()
 
 
-def _ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM transport between two noise levels given eps."""
+def _ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor,
+               eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM transport between two noise levels given eps; ``eta > 0`` (denoising only) adds
+    sigma * noise with sigma = eta * sqrt((1 - a_to) / (1 - a_from) * (1 - a_from / a_to)) (DDIM Eq. 16)."""
     xf, eps = _hp(x), _hp(eps).to(_hp(x).dtype)
     a_from, a_to = a_from.to(xf.dtype), a_to.to(xf.dtype)
     x0 = (xf - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+    if eta == 0:
+        return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+    sigma2 = (eta ** 2 * (1 - a_to) / (1 - a_from) * (1 - a_from / a_to)).clamp(min=0)
+    return a_to.sqrt() * x0 + (1 - a_to - sigma2).clamp(min=0).sqrt() * eps + sigma2.sqrt() * noise.to(xf.dtype)
 
 
 class DDIM:
@@ -134,12 +140,19 @@ class DDIM:
         stop: int | torch.Tensor | None = 0,
         cond: Mapping[str, torch.Tensor] | None = None,
         grad: bool = False,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Synthesise: move each sample from path index ``start`` (default: last) down to ``stop``.
 
         ``grad=True`` keeps autograd enabled for eps functions that need gradients (classifier
-        guidance differentiates the classifier, never the diffusion model).
+        guidance differentiates the classifier, never the diffusion model). ``eta > 0`` makes the
+        steps stochastic; the noise of every step is drawn for the whole batch from ``generator`` (on
+        the CPU, then moved) and then restricted to the moving samples, so a sample's draw depends on
+        the seed and its position, never on which other samples are still moving.
         """
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
         B, L = x.shape[0], len(levels)
         start_i = _per_sample(start, B, L - 1, x.device)
         stop_i = _per_sample(stop, B, 0, x.device)
@@ -149,13 +162,15 @@ class DDIM:
         hi, lo = int(start_i.max()), int(stop_i.min())
         with torch.set_grad_enabled(grad):
             for i in tqdm(range(hi, lo, -1), disable=not self.progress, desc="DDIM synthesis", leave=False):
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device) if eta else None
                 ids = torch.nonzero((start_i >= i) & (stop_i < i)).flatten()
                 if ids.numel() == 0:
                     continue
                 xa = x.index_select(0, ids)
                 a_n, a_s = self._alpha(levels, i, xa), self._alpha(levels, i - 1, xa)
                 eps = eps_fn(xa, levels[i].to(x.device).expand(len(ids)), _take(cond, ids, B))
-                x.index_copy_(0, ids, _ddim_move(xa, eps, a_n, a_s).detach().to(x.dtype))
+                step_noise = noise.index_select(0, ids) if eta else None
+                x.index_copy_(0, ids, _ddim_move(xa, eps, a_n, a_s, eta, step_noise).detach().to(x.dtype))
         return x
 
 
