@@ -12,10 +12,34 @@ from typing import Callable
 import torch
 
 
+#: benchmark precision names -> (detector ``dtype``, ``cast_weights``); see ``DiffusionModel.configure``
+PRECISIONS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-cast": ("bf16", True)}
+
+
+def compile_option(value: str | None):
+    """--compile [MODE | key=value,...] -> the detectors' ``compile`` parameter: False, True,
+    {"mode": MODE} or torch.compile options (e.g. ``backend=eager``; values stay strings)."""
+    if value is None or value is False:
+        return False
+    if value in ("", "default", True):
+        return True
+    if "=" in value:
+        return dict(item.split("=", 1) for item in value.split(","))
+    return {"mode": value}
+
+
+def add_compile_argument(p) -> None:
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the diffusion backbone (optional mode, e.g. max-autotune, or key=value "
+                        "options such as backend=eager); compile time is spent in the warm-up call, not timed")
+
+
 def common_arguments(p, batch_sizes: str):
     """Options every speed benchmark shares; call ``setup_run(args)`` after parsing."""
     p.add_argument("--batch-sizes", default=batch_sizes)
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--cast-weights", action="store_true", help="with --bf16: store the diffusion backbone in bf16")
+    add_compile_argument(p)
     p.add_argument("--device", default=None)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -23,9 +47,12 @@ def common_arguments(p, batch_sizes: str):
 
 
 def setup_run(args) -> torch.device:
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return pick_device(args.device)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fastest conv algorithms per shape (the official code disables cuDNN)
+    return device
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -41,6 +68,21 @@ def hardware(device: torch.device) -> str:
     except (StopIteration, OSError):
         cpu = platform.processor() or "unknown CPU"
     return f"{cpu}, {torch.get_num_threads()} torch threads (CPU)"
+
+
+class DenoiserCounter:
+    """Counts the rows a diffusion adapter sends through its backbone (wraps ``_raw``: outside any compiled
+    region, so it also counts a ``torch.compile``d backbone)."""
+
+    def __init__(self, model) -> None:
+        self.n = 0
+        raw = model._raw
+
+        def counted(x, t, y):
+            self.n += int(x.shape[0])
+            return raw(x, t, y)
+
+        model._raw = counted
 
 
 def sync(device: torch.device) -> None:

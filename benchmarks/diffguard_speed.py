@@ -37,6 +37,9 @@ from openood_diffguard.detectors.diffguard import DiffGuard  # noqa: E402
 from openood_diffguard.diffusion import DiTAdapter, LatentCodec, NoiseSchedule, UNetAdapter  # noqa: E402
 from openood_diffguard.space import ImageSpace  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _speed import PRECISIONS, DenoiserCounter, add_compile_argument, compile_option, pick_device  # noqa: E402
+
 PRESETS = {"gdm": "diffguard_gdm_imagenet", "dit": "diffguard_dit_imagenet", "cifar": "diffguard_cifar10"}
 
 
@@ -136,7 +139,9 @@ def make_detector(preset: str, dtype: str, batch: int, full: bool, device: str, 
     torch.manual_seed(0)
     model, net, side, over = build(preset, full)
     params = yaml.safe_load((ROOT / "configs" / "postprocessors" / f"{PRESETS[preset]}.yml").read_text())
-    params = dict(params["postprocessor"]["postprocessor_args"], **over, dtype=dtype, pretrained_metrics=False)
+    dt, cast = PRECISIONS[dtype]
+    params = dict(params["postprocessor"]["postprocessor_args"], **over, dtype=dt, cast_weights=cast,
+                  compile=compile_option(getattr(args, "compile", None)), pretrained_metrics=False)
     if args.no_aes:
         params["aes"] = False
     if args.fixed_stop is not None:
@@ -153,15 +158,10 @@ def make_detector(preset: str, dtype: str, batch: int, full: bool, device: str, 
     return det, net, x, model
 
 
-def denoiser(model: nn.Module) -> nn.Module:
-    """The network inside an adapter whose forwards are counted (UNet or DiT)."""
-    return getattr(model, "unet", None) or getattr(model, "transformer")
-
-
 def run_one(preset: str, dtype: str, batch: int, batches: int, full: bool, device: str, args) -> dict:
     det, net, x, model = make_detector(preset, dtype, batch, full, device, args)
-    unet_count, clf_count = ForwardCounter(denoiser(model)), ForwardCounter(net)
-    det.statistics(net, x)  # warm-up: metric construction, kernels
+    unet_count, clf_count = DenoiserCounter(model), ForwardCounter(net)
+    det.statistics(net, x)  # warm-up: metric construction, kernels, compilation
     unet_count.n = clf_count.n = 0
     stops = []
     if device.startswith("cuda"):
@@ -181,19 +181,25 @@ def run_one(preset: str, dtype: str, batch: int, batches: int, full: bool, devic
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", nargs="+", default=["gdm", "dit", "cifar"], choices=sorted(PRESETS))
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
+                    help="bf16 = autocast, bf16-cast = backbone weights in bf16")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--batches", type=int, default=1, help="timed batches after one warm-up batch")
     ap.add_argument("--full", action="store_true", help="exact architectures (GPU)")
     ap.add_argument("--steps", type=int, default=None, help="override num_steps (shorter CPU runs)")
     ap.add_argument("--no-aes", action="store_true")
     ap.add_argument("--fixed-stop", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None)
+    add_compile_argument(ap)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="write a markdown report here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    args.device = str(device)
     rows = []
     for preset in args.preset:
         for dtype in args.dtype:
@@ -207,7 +213,9 @@ def main(argv=None) -> int:
         lines = [f"# DiffGuard speed ({'exact architectures' if args.full else 'tiny stand-in models'}, random weights)", "",
                  f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
                  f"- device: {dev}; torch {torch.__version__}; python {platform.python_version()}",
-                 f"- command: `python {' '.join(['benchmarks/diffguard_speed.py'] + (argv if argv is not None else sys.argv[1:]))}`", "",
+                 f"- command: `python {' '.join(['benchmarks/diffguard_speed.py'] + (argv if argv is not None else sys.argv[1:]))}`",
+                 f"- torch.compile of the diffusion backbone: {compile_option(args.compile)}; dtype bf16 = autocast, "
+                 "bf16-cast = backbone weights in bf16", "",
                  "| preset | dtype | batch | img/s | s/img | diffusion fwd/img | classifier fwd/img | mean stop index | model params (M) |",
                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['preset']} | {r['dtype']} | {r['batch']} | {r['img_s']:.3f} | {r['s_img']:.2f} | {r['unet_fwd']:.1f} | "

@@ -3,6 +3,7 @@
 --full: the DiffNB CIFAR UNet (35.7M, 32x32), t = 300, R = 4, CFG (2 UNet rows per sample and step): the
 H100 target is >= 200 img/s with --bf16. Default: a tiny UNet so it runs anywhere in seconds.
     python benchmarks/diffnb_speed.py --full --bf16 --out benchmarks/results/diffnb_h100.md
+    python benchmarks/diffnb_speed.py --full --bf16 --cast-weights --compile --out benchmarks/results/diffnb_h100_compiled.md
 """
 from __future__ import annotations
 
@@ -13,23 +14,26 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 import torch  # noqa: E402
-from _speed import common_arguments, setup_run, throughput, write_report  # noqa: E402
+from _speed import PRECISIONS, common_arguments, compile_option, setup_run, throughput, write_report  # noqa: E402
 
 from openood_diffguard.detectors.diffnb import DiffNB  # noqa: E402
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
 from openood_diffguard.training.diffusion import CIFAR_UNET, SCHEDULER, TINY_UNET, build_unet  # noqa: E402
 
 
-def build(full: bool, bf16: bool, timesteps: list[int], repeats: int, device: torch.device):
-    """(detector, classifier, images(bs), UNet adapter, UNet sample-evaluations per image) with random weights."""
+def build(full: bool, precision: str, timesteps: list[int], repeats: int, device: torch.device, compile=False):
+    """(detector, classifier, images(bs), UNet adapter, UNet sample-evaluations per image) with random weights.
+    ``precision``: a key of ``_speed.PRECISIONS``; ``compile``: the detectors' ``compile`` parameter."""
     cfg = dict(CIFAR_UNET if full else {**TINY_UNET, "in_channels": 3, "sample_size": 32})
     C = 10
     unet = build_unet(cfg, C).to(device).eval()
-    model = UNetAdapter(unet, NoiseSchedule.from_config(SCHEDULER), autocast_dtype=torch.bfloat16 if bf16 else None)
+    model = UNetAdapter(unet, NoiseSchedule.from_config(SCHEDULER))
+    dtype, cast = PRECISIONS[precision]
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                               torch.nn.Flatten(), torch.nn.Linear(16, C)).to(device).eval()
-    det = DiffNB(timesteps=timesteps, repeats=repeats, cfg_scale=3.0, normalization="cifar10")
-    det.model = model
+    det = DiffNB(model, timesteps=timesteps, repeats=repeats, cfg_scale=3.0, normalization="cifar10",
+                 dtype=None if dtype == "fp32" else dtype, cast_weights=cast, compile=compile)
+    det._ensure_models()  # applies dtype / cast / compile to the model
     size = cfg["sample_size"]
 
     def images(bs: int) -> torch.Tensor:
@@ -48,7 +52,8 @@ def main() -> None:
     a = p.parse_args()
     device = setup_run(a)
     ts = [int(t) for t in a.timesteps.split(",")]
-    det, net, make_images, model, calls = build(a.full, a.bf16, ts, a.repeats, device)
+    precision = ("bf16-cast" if a.cast_weights else "bf16") if a.bf16 else "fp32"
+    det, net, make_images, model, calls = build(a.full, precision, ts, a.repeats, device, compile_option(a.compile))
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     images = {}
 
@@ -59,7 +64,8 @@ def main() -> None:
 
     rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
     notes = [f"UNet {n_params:.1f}M params ({'full DiffNB CIFAR config' if a.full else 'tiny config'}), "
-             f"bf16={a.bf16}, timesteps={ts}, R={a.repeats}, CFG: {calls} UNet sample-evaluations per image",
+             f"precision {precision}, compile={compile_option(a.compile)}, timesteps={ts}, R={a.repeats}, "
+             f"CFG: {calls} UNet sample-evaluations per image",
              "random weights; classifier = tiny conv net (the UNet dominates)"]
     if a.out:
         write_report(a.out, "DiffNB scoring speed", device, rates, notes)

@@ -27,7 +27,8 @@ from types import SimpleNamespace
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 import torch  # noqa: E402
-from _speed import hardware, pick_device, throughput  # noqa: E402
+from _speed import (PRECISIONS, DenoiserCounter, add_compile_argument, compile_option, hardware, pick_device,  # noqa: E402
+                    setup_run, throughput)
 
 import diffguard_speed  # noqa: E402
 import diffnb_speed  # noqa: E402
@@ -68,8 +69,8 @@ def bare_rate(forward, batch_sizes: list[int], device: torch.device, seconds: fl
 
 
 def adapter_forward(model, dtype: str, device: torch.device):
-    """forward(bs) = one ``model.eps`` call on random inputs of the model's own shape."""
-    model.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+    """forward(bs) = one ``model.eps`` call on random inputs of the model's own shape (the model is
+    already configured for ``dtype`` / compile by its detector)."""
     side, ch = model.sample_size, model.in_channels
     cache = {}
 
@@ -83,19 +84,23 @@ def adapter_forward(model, dtype: str, device: torch.device):
     return forward
 
 
-def diffguard_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float) -> dict:
-    args = SimpleNamespace(no_aes=False, fixed_stop=cfg.get("fixed_stop"), steps=cfg.get("steps"))
+def diffguard_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float,
+                  compile=None) -> dict:
+    args = SimpleNamespace(no_aes=False, fixed_stop=cfg.get("fixed_stop"), steps=cfg.get("steps"), compile=compile)
     runs = [diffguard_speed.run_one(cfg["preset"], dtype, bs, 1, not tiny, str(device), args) for bs in cfg["batches"]]
     best = max(runs, key=lambda r: r["img_s"])
-    _, _, _, model = diffguard_speed.make_detector(cfg["preset"], dtype, 1, not tiny, str(device), args)
+    det, _, _, model = diffguard_speed.make_detector(cfg["preset"], dtype, 1, not tiny, str(device), args)
+    det._ensure_models()  # applies dtype / cast / compile
     rate = bare_rate(adapter_forward(model, dtype, device), [b * 2 for b in cfg["batches"]], device, seconds)
     return dict(img_s=best["img_s"], batch=best["batch"], fwd=best["unet_fwd"], clf=best["clf_fwd"], bare=rate,
                 params=best["params"])
 
 
-def diffnb_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float) -> dict:
-    det, net, images, model, _ = diffnb_speed.build(not tiny, dtype == "bf16", cfg["timesteps"], cfg["repeats"], device)
-    counter = diffguard_speed.ForwardCounter(model.unet)
+def diffnb_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float,
+               compile=None) -> dict:
+    det, net, images, model, _ = diffnb_speed.build(not tiny, dtype, cfg["timesteps"], cfg["repeats"], device,
+                                                    compile_option(compile))
+    counter = DenoiserCounter(model)
     cache = {}
 
     def run(bs: int) -> None:
@@ -113,11 +118,12 @@ def diffnb_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.devic
                 params=sum(p.numel() for p in model.parameters()))
 
 
-def lfdn_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float) -> dict:
+def lfdn_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float,
+             compile=None) -> dict:
     det, net, features, lfdn, _ = lfdn_speed.build(cfg["width"], cfg["blocks"], [3], True, device, cfg["widths"])
     counter = diffguard_speed.ForwardCounter(lfdn)
     cache = {}
-    bf16 = dtype == "bf16"
+    bf16 = PRECISIONS[dtype][0] == "bf16"  # LFDN is a small MLP: autocast only (no cast / compile option)
 
     def run(bs: int) -> None:
         if bs not in cache:
@@ -147,21 +153,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny stand-in models and step counts (CPU smoke run)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
+                   help="bf16 = autocast, bf16-cast = diffusion backbone weights in bf16")
+    add_compile_argument(p)
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per batch size")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = setup_run(args)
     results = []
     for name in args.rows:
         cfg = {**ROWS[name], **(ROWS[name]["tiny"] if args.tiny else {})}
         for dtype in args.dtype:
             t0 = time.perf_counter()
-            r = BUILDERS[cfg["kind"]](name, cfg, dtype, args.tiny, device, args.seconds)
+            r = BUILDERS[cfg["kind"]](name, cfg, dtype, args.tiny, device, args.seconds, args.compile)
             ceiling = r["bare"] / cfg["minimal"]
             r.update(name=name, dtype=dtype, minimal=cfg["minimal"], ceiling=ceiling, share=r["img_s"] / ceiling)
             results.append(r)
@@ -180,6 +186,8 @@ def write(args, device: torch.device, results: list[dict]) -> None:
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- device: {hardware(device)}; torch {torch.__version__}, python {platform.python_version()}",
              f"- command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
+             f"- torch.compile of the diffusion backbones: {compile_option(args.compile)}; dtype bf16 = autocast, "
+             "bf16-cast = backbone weights in bf16; cuDNN benchmark mode on (GPU)",
              "- fwd/img: denoiser image-forwards per image, counted (a CFG step counts 2; LFDN: final + first-epoch "
              "model); minimal: fewest the algorithm needs; ceiling = bare denoiser forwards/s (best batch) / minimal; "
              "share = img/s / ceiling", "",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks")]
@@ -69,6 +70,23 @@ def test_speed_lfdn_row_counts_the_minimal_forwards(single_thread):
     r = speed.lfdn_row("lfdn_cifar10", cfg, "fp32", True, speed.pick_device("cpu"), 0.05)
     assert r["fwd"] == cfg["minimal"] == 8  # t = 3: 4 DDIM steps to the clean level, final + first-epoch model
     assert r["img_s"] > 0 and r["bare"] > 0
+
+
+def test_speed_diffnb_row_with_cast_weights_and_compile(single_thread):
+    """bf16 weights + a compiled backbone (dynamo with the eager backend: no codegen on CI) still count
+    exactly the minimal UNet rows: the counter sits outside the compiled region."""
+    import diffnb_speed
+    import speed
+    from _speed import compile_option
+
+    assert compile_option(None) is False and compile_option("default") is True
+    assert compile_option("max-autotune") == {"mode": "max-autotune"}
+    assert compile_option("backend=eager,mode=default") == {"backend": "eager", "mode": "default"}
+    cfg = {**speed.ROWS["diffnb_cifar10"], **speed.ROWS["diffnb_cifar10"]["tiny"]}
+    r = speed.diffnb_row("diffnb_cifar10", cfg, "bf16-cast", True, speed.pick_device("cpu"), 0.05, "backend=eager")
+    assert r["fwd"] == cfg["minimal"] == 4 and r["img_s"] > 0
+    _, _, _, model, _ = diffnb_speed.build(False, "bf16-cast", [40], 1, speed.pick_device("cpu"), {"backend": "eager"})
+    assert model.weights_dtype == torch.bfloat16 and model.compile_options == {"backend": "eager"}
 
 
 @pytest.mark.slow

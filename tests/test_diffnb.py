@@ -101,3 +101,40 @@ def test_score_does_not_depend_on_batch_composition(linear_schedule):
         part = det.statistics(net, x[idx])
         for k in part:
             torch.testing.assert_close(part[k], full[k][idx])
+
+
+def test_code_grid_equals_the_released_codes_sampler(linear_schedule):
+    """grid 'code' (default) = DiffOOD's multi_iteration with method DDIM written out here: noise at
+    alpha_bar[t], steps seq = t-1, t-1-stride, ..., 19 -> -1 with alphas[i + 1] (the model sees i = t - 1
+    ...), CFG (1 + beta) eps_y - beta eps_null with beta = 2, ending at level 0; 15 steps x 2 for t = 300."""
+    model, net, x_id, _ = _setup(linear_schedule)
+    x = x_id[:3]
+    calls = []
+    counted = _detector(model, timesteps=[300], repeats=2)
+    raw = model._raw
+    model._raw = lambda xx, t, y: (calls.append(len(xx)), raw(xx, t, y))[1]
+    try:
+        got = counted.statistics(net, x)["dist_t300"]
+        assert sum(calls) == 3 * 2 * 15 * 2
+        calls.clear()
+        _detector(model, timesteps=[300], repeats=2, grid="exact").statistics(net, x)
+        assert sum(calls) == 3 * 2 * 16 * 2  # t, ..., 0, then the clean level
+    finally:
+        model._raw = raw
+    ab = linear_schedule.alphas_cumprod.double()
+    noise = torch.randn((2, 1, *x.shape[1:]), generator=torch.Generator().manual_seed(0)).double()
+    y = net(x).argmax(1)
+    ref = torch.nn.functional.normalize(net(x), dim=1, eps=0)
+    dists = []
+    for r in range(2):
+        xt = ab[300].sqrt() * x.double() + (1 - ab[300]).sqrt() * noise[r]
+        seq = list(range(299, -1, -20))
+        for i, j in zip(seq, seq[1:] + [-1]):
+            t = torch.full((3,), i)
+            e = 3.0 * model.eps(xt, t, y) - 2.0 * model.eps(xt, t, torch.full((3,), 3))
+            a_t, a_n = ab[i + 1], ab[j + 1]
+            xt = xt + (a_n - a_t) * (xt / (a_t.sqrt() * (a_t.sqrt() + a_n.sqrt()))
+                                     - e / (a_t.sqrt() * (((1 - a_n) * a_t).sqrt() + ((1 - a_t) * a_n).sqrt())))
+        nb = torch.nn.functional.normalize(net(xt.float().clamp(-1, 1)), dim=1, eps=0)
+        dists.append((nb - ref).abs().sum(1))
+    torch.testing.assert_close(got, torch.stack(dists).mean(0), rtol=1e-4, atol=1e-4)

@@ -116,6 +116,50 @@ class Detector(ABC):
         return f"{type(self).__name__}({args})"
 
 
+class DiffusionBackbone:
+    """Mixin for detectors that run a diffusion model ``self.model`` loaded from ``model_path`` (or passed
+    in by the user): the precision and compilation of its backbone are parameters like any other.
+
+    Subclasses add ``BACKBONE_PARAMS`` to their DEFAULTS (next to their own ``dtype``), call
+    ``_check_backbone_params`` in ``validate_params`` and ``_configure_model`` once the model is loaded.
+    """
+
+    #: True when the model was passed in by the user (never reloaded from model_path)
+    _user_model: bool = False
+    #: parameters whose change makes a loaded model stale
+    _model_identity: tuple[str, ...] = ("model_path",)
+
+    def __init__(self, model: Any = None, **params: Any) -> None:
+        super().__init__(**params)
+        self.model = model  # a DiffusionModel adapter, or None = load from model_path in setup()
+        self._user_model = model is not None
+
+    def _check_backbone_params(self) -> None:
+        if not isinstance(self.params["cast_weights"], bool):
+            raise ValueError(f"cast_weights must be true or false, got {self.params['cast_weights']!r}")
+        if not isinstance(self.params["compile"], (bool, dict)):
+            raise ValueError("compile must be false, true or a mapping of torch.compile options "
+                             f"(mode, backend, dynamic, ...), got {self.params['compile']!r}")
+
+    def _configure_model(self) -> None:
+        self.model.configure(self.params["dtype"], self.params["cast_weights"], self.params["compile"])
+
+    def _on_expensive_change(self, changed: set[str]) -> None:
+        if self._user_model or self.model is None:
+            return
+        # a new checkpoint, or leaving a low-precision weight cast (the fp32 weights must be reloaded)
+        uncast = bool(changed & {"dtype", "cast_weights"}) and self.model.weights_dtype is not None
+        if changed & set(self._model_identity) or uncast:
+            self.model = None
+
+
+#: precision / compilation parameters of the diffusion backbone (see ``DiffusionModel.configure``)
+BACKBONE_PARAMS: dict[str, Any] = {
+    "cast_weights": False,  # False: autocast fp32 weights to dtype; True: store the backbone in dtype (faster on GPU)
+    "compile": False,       # torch.compile the backbone: false | true | {mode: ..., backend: ..., dynamic: ...}
+}
+
+
 def check_classifier_output(logits: torch.Tensor, num_classes: int | None) -> None:
     """Clear errors for a classifier whose output does not match the detector's class count."""
     if logits.ndim != 2:

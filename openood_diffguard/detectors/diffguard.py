@@ -35,7 +35,7 @@ from ..guidance.gradcam import GradCAM, cam_mask
 from ..similarity import (EMBEDDING_SIMILARITIES, PerceptualDistance, classifier_embedding, embedding_similarities, psnr,
                           select_features)
 from ..space import ImageSpace, resolve_normalization
-from .base import Detector, check_classifier_output
+from .base import BACKBONE_PARAMS, Detector, DiffusionBackbone, check_classifier_output
 
 _PERCEPTUAL = ("dists", "lpips")
 _LEGACY_PSNR_PEAK = 255.0  # the official code's PSNR peak on [-1, 1] tensors
@@ -54,7 +54,7 @@ def _load_ldm():
 _LOADERS = {"unet": lambda: load_unet, "dit": lambda: load_dit, "ldm": _load_ldm}
 
 
-class DiffGuard(Detector):
+class DiffGuard(DiffusionBackbone, Detector):
     name = "diffguard"
     DEFAULTS: dict[str, Any] = {
         # models and spaces
@@ -63,7 +63,8 @@ class DiffGuard(Detector):
         "num_classes": None,  # classifier classes (checked against the logits); None = any
         "normalization": "imagenet",  # OpenOOD normalization_type / dataset name
         "diffusion_size": 256,  # pixel side the diffusion model (or its VAE) sees; None = image size
-        "dtype": "fp32",  # fp32 | bf16 (autocast for the diffusion model and the guidance classifier)
+        "dtype": "fp32",  # fp32 | bf16 (diffusion model: see cast_weights; guidance classifier: autocast)
+        **BACKBONE_PARAMS,
         # DDIM path
         "guidance": "classifier",  # classifier (GDM) | cfg (LDM / DiT / CIFAR)
         "num_steps": 100,
@@ -103,9 +104,7 @@ class DiffGuard(Detector):
     heavy_attributes = ("model", "_perceptual")
 
     def __init__(self, model: DiffusionModel | None = None, **params: Any) -> None:
-        super().__init__(**params)
-        self.model = model
-        self._user_model = model is not None
+        super().__init__(model, **params)
         self._perceptual: dict[str, PerceptualDistance] | None = None
         self._cutouts = Cutouts(self.params["cutouts"] or 1, self.params["cutout_min_fraction"],
                                 seed=self.params["cutout_seed"])
@@ -126,13 +125,15 @@ class DiffGuard(Detector):
             raise ValueError(f"DiffGuard: unknown similarities {sorted(bad)}; choose from {sorted(known)}")
         if p["guidance"] == "cfg" and p["reference"] == "uncond":
             raise ValueError("DiffGuard: reference 'uncond' is the classifier-guidance (GDM) setting; use 'input' with cfg")
+        self._check_backbone_params()
         if p["label_mode"] == "oracle":
             warnings.warn("DiffGuard oracle-label mode reads the test labels (GT for ID, random for OOD): "
                           "analysis only, not a detector", stacklevel=3)
 
+    _model_identity = ("model_path", "model_type")
+
     def _on_expensive_change(self, changed: set[str]) -> None:
-        if changed & {"model_path", "model_type"} and not self._user_model:
-            self.model = None
+        super()._on_expensive_change(changed)
         if changed & {"metric_weights", "pretrained_metrics"}:
             self._perceptual = None
         if changed & {"cutouts", "cutout_min_fraction", "cutout_seed"}:
@@ -158,7 +159,7 @@ class DiffGuard(Detector):
                 raise ValueError("DiffGuard needs a diffusion model: set model_path (a local diffusers directory) "
                                  "or pass model=<DiffusionModel adapter>")
             self.model = _LOADERS[self.params["model_type"]]()(path)
-        self.model.autocast_dtype = torch.bfloat16 if self.params["dtype"] == "bf16" else None
+        self._configure_model()
         if self.params["guidance"] == "cfg" and self.model.null_class is None:
             raise ValueError("guidance 'cfg' needs a class-conditional diffusion model with a null class")
         return self.model

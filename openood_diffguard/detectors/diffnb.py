@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import DDIM, load_unet, noise_to_level
+from ..diffusion.models import COMPUTE_DTYPES
 from ..guidance import ClassifierFreeGuidance
 from ..space import ImageSpace, resolve_normalization
-from .base import Detector, check_classifier_output
+from .base import BACKBONE_PARAMS, Detector, DiffusionBackbone, check_classifier_output
 
 #: the official code's hard-coded timestep set (runner/ood_detect.py:99, reference index 0 dropped).
 CODE_TIMESTEPS = (120, 240, 360)
@@ -40,7 +41,7 @@ def _embed(net: torch.nn.Module, x: torch.Tensor, space: str, clip: float | None
     return logits, rep / (rep.norm(dim=1, keepdim=True) + 1e-10)  # the code's u = v / (||v|| + 1e-10)
 
 
-class DiffNB(Detector):
+class DiffNB(DiffusionBackbone, Detector):
     name = "diffnb"
     DEFAULTS: dict[str, Any] = {
         "model_path": None,       # local diffusers UNet2DModel dir (train-diffusion output); never downloaded
@@ -48,12 +49,15 @@ class DiffNB(Detector):
         "repeats": 4,             # R independent noise draws
         "cfg_scale": 3.0,         # omega (code: (1 + beta) eps_y - beta eps_null with beta = 2)
         "stride": 20,             # DDIM stride (code: --sample_step 50 with T = 1000)
+        "grid": "code",           # code: t -> t - stride -> ... -> 0, the model told t - 1 (15 steps for t = 300);
+                                  # exact: ... -> 0 -> clean, the model told t (16 steps)
         "space": "logits",        # "logits" | "feature" (pooled penultimate, clipped)
         "feature_clip": 0.3,      # clip threshold for space="feature" (paper Fig. 12); None = no clip
         "normalization": "cifar10",  # OpenOOD normalization_type of the incoming batches
         "diffusion_size": None,   # side of the diffusion model's input (None = model's sample_size)
         "seed": 0,                # noise seed: R draws, the same for every sample and batch
-        "dtype": None,            # "bf16" / "fp16": autocast the UNet (scheduler maths stays fp32)
+        "dtype": None,            # None | "bf16" | "fp16": UNet precision (scheduler maths stays fp32)
+        **BACKBONE_PARAMS,
         "aggregate": "mean",      # how per-timestep distances combine into the score: mean | max
         "max_model_batch": 4096,  # cap on samples per DDIM pass (x2 inside CFG); results do not depend on it
     }
@@ -74,21 +78,25 @@ class DiffNB(Detector):
             raise ValueError("repeats must be >= 1")
         if p["aggregate"] not in ("mean", "max"):
             raise ValueError("aggregate must be 'mean' or 'max'")
+        if p["grid"] not in ("code", "exact"):
+            raise ValueError(f"grid must be 'code' or 'exact', got {p['grid']!r}")
+        if p["dtype"] not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(k for k in COMPUTE_DTYPES if k)} or null, got {p['dtype']!r}")
+        self._check_backbone_params()
 
     # ------------------------------------------------------------------ models
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:
         self._ensure_models()
 
     def _ensure_models(self) -> None:
-        if self.model is not None:
-            return
-        path = self.params["model_path"]
-        if path is None:
-            raise ValueError("DiffNB needs a class-conditional diffusion model: set postprocessor_args.model_path "
-                             "to a local diffusers UNet2DModel directory (train one with "
-                             "`openood-diffguard train-diffusion`)")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[self.params["dtype"]]
-        self.model = load_unet(path, autocast_dtype=dtype)
+        if self.model is None:
+            path = self.params["model_path"]
+            if path is None:
+                raise ValueError("DiffNB needs a class-conditional diffusion model: set postprocessor_args.model_path "
+                                 "to a local diffusers UNet2DModel directory (train one with "
+                                 "`openood-diffguard train-diffusion`)")
+            self.model = load_unet(path)
+        self._configure_model()
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": str(self.params["model_path"])}
@@ -132,8 +140,14 @@ class DiffNB(Detector):
         start = t_per // int(p["stride"]) + 1  # index of t on the path (index 0 = CLEAN)
         cond = {"y": pred.repeat(n_t * R)}
         cfg, ddim, step = ClassifierFreeGuidance(model, float(p["cfg_scale"])), DDIM(sched), int(p["max_model_batch"])
+        stop = 0
+        if p["grid"] == "code":
+            # the released code (runner/schedule.py, method.py tran_ddim) moves between the alpha_bar levels
+            # t, t - stride, ..., 0 but feeds the model t - 1, and stops at level 0 (not the clean level)
+            guided, stop = cfg, 1
+            cfg = lambda x, t, c: guided(x, t - 1, c)  # noqa: E731
         # noise is drawn for the whole batch first, so chunking never changes a sample's result
-        x_rec = torch.cat([ddim.sample(cfg, x_t[i:i + step], levels, start=start[i:i + step], stop=0,
+        x_rec = torch.cat([ddim.sample(cfg, x_t[i:i + step], levels, start=start[i:i + step], stop=stop,
                                        cond={"y": cond["y"][i:i + step]}) for i in range(0, len(x_t), step)])
         nb_in = space.to_classifier(space.decode(x_rec).float()).to(images.dtype)
         _, nb = _embed(net, nb_in, p["space"], p["feature_clip"])

@@ -9,17 +9,26 @@ in [-1, 1] to latents and back. Loading is from local paths only: nothing is fet
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from .schedule import NoiseSchedule
 
+#: inference dtypes by name (detector ``dtype`` parameters)
+COMPUTE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "fp32": None, "bf16": torch.bfloat16,
+                                                        "fp16": torch.float16}
+_HALF = (torch.bfloat16, torch.float16)
+
 
 class DiffusionModel(nn.Module):
-    """Base adapter. Subclasses implement ``_raw(x, t, y)`` returning the network output."""
+    """Base adapter. Subclasses implement ``_raw(x, t, y)`` returning the network output and name their
+    ``backbone_attr`` (the network ``configure`` casts / compiles)."""
+
+    backbone_attr: ClassVar[str | None] = None
 
     def __init__(self, schedule: NoiseSchedule, num_classes: int | None = None, null_class: int | None = None,
                  codec: Optional["LatentCodec"] = None, sample_size: int | None = None, in_channels: int | None = None,
@@ -32,6 +41,46 @@ class DiffusionModel(nn.Module):
         self.sample_size = sample_size
         self.in_channels = in_channels
         self.autocast_dtype = autocast_dtype
+        self.weights_dtype: torch.dtype | None = None  # backbone stored in this dtype (configure(cast_weights=True))
+        self.compile_options: dict[str, Any] | None = None
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        return getattr(self, self.backbone_attr) if self.backbone_attr else None
+
+    def configure(self, dtype: str | torch.dtype | None = None, cast_weights: bool = False,
+                  compile: bool | dict[str, Any] = False) -> "DiffusionModel":
+        """Inference precision and compilation of the backbone; idempotent, returns self.
+
+        ``dtype`` (None/"fp32", "bf16", "fp16"): with ``cast_weights=False`` the fp32 weights run under
+        autocast (norms and softmax stay fp32 by autocast's policy); ``cast_weights=True`` stores the
+        backbone's weights in ``dtype``, which the H100 anchors measured 1.35x (DiT-XL/2) and 1.46x (CIFAR
+        UNet) faster than autocast (anchors-gpu.md section 4). Either way the schedule maths, the DDIM state,
+        the outputs (returned as fp32) and the latent codec stay fp32. Casting back to fp32 keeps the bf16
+        rounding: reload the weights for exact fp32 results.
+        ``compile``: False, True, or ``torch.compile`` keyword arguments (mode, backend, dynamic, ...);
+        the backbone's forward is compiled in place (state-dict keys unchanged).
+        """
+        dt = COMPUTE_DTYPES[dtype] if not isinstance(dtype, torch.dtype) else (None if dtype == torch.float32 else dtype)
+        net = self.backbone
+        if net is None and (cast_weights or compile):
+            raise ValueError(f"{type(self).__name__} has no backbone network to cast or compile")
+        target = dt if cast_weights else None
+        if net is not None and target != self.weights_dtype:
+            if target is None:
+                warnings.warn("casting a low-precision backbone back to fp32 keeps its rounding; reload the "
+                              "weights for exact fp32 results", stacklevel=2)
+            net.to(target or torch.float32)
+            self.weights_dtype = target
+        self.autocast_dtype = None if cast_weights else dt
+        options = None if compile is False else ({} if compile is True else dict(compile))
+        if net is not None and options != self.compile_options:
+            if options is None:
+                net._compiled_call_impl = None  # back to eager (what nn.Module.compile set)
+            else:
+                net.compile(**options)
+            self.compile_options = options
+        return self
 
     @property
     def conditional(self) -> bool:
@@ -58,11 +107,14 @@ class DiffusionModel(nn.Module):
         """(prediction, variance channels or None); models with learned sigma output 2C channels."""
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
         y = self._labels(y, x_t)
+        x_in = x_t if self.weights_dtype is None else x_t.to(self.weights_dtype)
         if self.autocast_dtype is not None:
             with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-                out = self._raw(x_t, t, y)
+                out = self._raw(x_in, t, y)
         else:
-            out = self._raw(x_t, t, y)
+            out = self._raw(x_in, t, y)
+        if out.dtype in _HALF:
+            out = out.float()  # eps / variance leave the network in fp32: scheduler maths never runs in half
         C = x_t.shape[1]
         if out.shape[1] == 2 * C:
             return out[:, :C], out[:, C:]
@@ -73,7 +125,7 @@ class DiffusionModel(nn.Module):
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out, _ = self.predict(x_t, t, y)
         if self.schedule.prediction_type == "epsilon":
-            return out if out.dtype == torch.float64 else out.float()
+            return out
         return self.schedule.split_prediction(out, x_t, torch.as_tensor(t).expand(x_t.shape[0]))[0]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +139,8 @@ class UNetAdapter(DiffusionModel):
     ``num_class_embeds = C + 1`` and the last row is the null class. ``has_null_class=False`` is for
     tables without one (class-conditional ADM: 1000 rows, all real classes).
     """
+
+    backbone_attr = "unet"
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, null_class: int | None = None,
                  autocast_dtype: torch.dtype | None = None, codec: Optional["LatentCodec"] = None,
@@ -111,6 +165,8 @@ class CrossAttnUNetAdapter(DiffusionModel):
     """diffusers ``UNet2DConditionModel`` conditioned through a class-embedding table used as the
     cross-attention context (LDM ``cin256-v2``: 1001 rows, row 1000 = null)."""
 
+    backbone_attr = "unet"
+
     def __init__(self, unet: nn.Module, class_embedding: nn.Embedding, schedule: NoiseSchedule,
                  null_class: int | None = None, codec: Optional["LatentCodec"] = None,
                  autocast_dtype: torch.dtype | None = None) -> None:
@@ -121,12 +177,14 @@ class CrossAttnUNetAdapter(DiffusionModel):
         self.unet, self.class_embedding = unet, class_embedding
 
     def _raw(self, x, t, y):
-        ctx = self.class_embedding(y)[:, None, :]
+        ctx = self.class_embedding(y)[:, None, :].to(x.dtype)  # the table stays fp32; the UNet may be cast
         return self.unet(x, t, encoder_hidden_states=ctx).sample
 
 
 class DiTAdapter(DiffusionModel):
     """diffusers ``DiTTransformer2DModel`` (class-conditional, learned sigma; null class = ``num_embeds_ada_norm``)."""
+
+    backbone_attr = "transformer"
 
     def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, codec: Optional["LatentCodec"] = None,
                  autocast_dtype: torch.dtype | None = None) -> None:
