@@ -1,5 +1,7 @@
 """DiffNB on an analytic class-conditional Gaussian mixture with the matching (Bayes) linear classifier:
 components the model knows come back close to themselves, a held-out component is pulled away."""
+import warnings
+
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -138,3 +140,43 @@ def test_code_grid_equals_the_released_codes_sampler(linear_schedule):
         nb = torch.nn.functional.normalize(net(xt.float().clamp(-1, 1)), dim=1, eps=0)
         dists.append((nb - ref).abs().sum(1))
     torch.testing.assert_close(got, torch.stack(dists).mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_out_of_memory_halves_the_pass_and_keeps_the_result(linear_schedule):
+    model, net, x_id, _ = _setup(linear_schedule)
+    ref = _detector(model, timesteps=[120, 240], repeats=2).statistics(net, x_id[:5])
+    raw, rows = model._raw, []
+
+    def small_device(x, t, y):  # a "GPU" that holds at most 8 rows (4 samples x 2 CFG branches)
+        if len(x) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        rows.append(len(x))
+        return raw(x, t, y)
+
+    model._raw = small_device
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = _detector(model, timesteps=[120, 240], repeats=2).statistics(net, x_id[:5])
+    finally:
+        model._raw = raw
+    halvings = [str(w.message).split(" (")[0] for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert halvings == [f"out of memory with {a} samples per pass: retrying with {b}" for a, b in ((20, 10), (10, 5), (5, 3))]
+    assert max(rows) <= 8
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k])
+
+
+def test_map_chunks_edges():
+    from openood_diffguard.batching import map_chunks
+
+    assert map_chunks(lambda i, j: (i, j), 5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert map_chunks(lambda i, j: (i, j), 0, 3) == []
+    with pytest.raises(ValueError, match="chunk size"):
+        map_chunks(lambda i, j: None, 3, 0)
+
+    def never_fits(i, j):
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError):
+        map_chunks(never_fits, 4, 4)  # gives up at one sample per pass

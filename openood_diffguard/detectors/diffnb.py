@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..batching import map_chunks
 from ..diffusion import DDIM, load_unet, noise_to_level
 from ..diffusion.models import COMPUTE_DTYPES
 from ..guidance import ClassifierFreeGuidance
@@ -59,7 +60,8 @@ class DiffNB(DiffusionBackbone, Detector):
         "dtype": None,            # None | "bf16" | "fp16": UNet precision (scheduler maths stays fp32)
         **BACKBONE_PARAMS,
         "aggregate": "mean",      # how per-timestep distances combine into the score: mean | max
-        "max_model_batch": 4096,  # cap on samples per DDIM pass (x2 inside CFG); results do not depend on it
+        "max_model_batch": 1024,  # samples per DDIM pass (x2 inside CFG; halved automatically on out-of-memory);
+                                  # results do not depend on it
     }
     cheap_params = ("aggregate", "max_model_batch")  # neither changes the statistics
     heavy_attributes = ("model",)
@@ -147,8 +149,8 @@ class DiffNB(DiffusionBackbone, Detector):
             guided, stop = cfg, 1
             cfg = lambda x, t, c: guided(x, t - 1, c)  # noqa: E731
         # noise is drawn for the whole batch first, so chunking never changes a sample's result
-        x_rec = torch.cat([ddim.sample(cfg, x_t[i:i + step], levels, start=start[i:i + step], stop=stop,
-                                       cond={"y": cond["y"][i:i + step]}) for i in range(0, len(x_t), step)])
+        x_rec = torch.cat(map_chunks(lambda i, j: ddim.sample(cfg, x_t[i:j], levels, start=start[i:j], stop=stop,
+                                                              cond={"y": cond["y"][i:j]}), len(x_t), step))
         nb_in = space.to_classifier(space.decode(x_rec).float()).to(images.dtype)
         _, nb = _embed(net, nb_in, p["space"], p["feature_clip"])
         dist = (nb.view(n_t, R, B, -1) - ref.view(1, 1, B, -1)).abs().sum(-1).mean(1)  # [T, B]
