@@ -146,6 +146,8 @@ def make_detector(preset: str, dtype: str, batch: int, full: bool, device: str, 
         params["aes"] = False
     if args.fixed_stop is not None:
         params.update(aes=False, max_inversion_steps=args.fixed_stop)
+    if getattr(args, "reference", None):
+        params["reference"] = args.reference
     if args.steps:
         params["num_steps"] = args.steps
         if params.get("max_inversion_steps"):
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="override num_steps (shorter CPU runs)")
     ap.add_argument("--no-aes", action="store_true")
     ap.add_argument("--fixed-stop", type=int, default=None)
+    ap.add_argument("--reference", choices=["uncond", "input"], default=None,
+                    help="override the preset's reference; input + --fixed-stop 60 = the official speed config")
     ap.add_argument("--device", default=None)
     add_compile_argument(ap)
     ap.add_argument("--threads", type=int, default=None)

@@ -43,6 +43,10 @@ OFFICIAL_GDM = {"img_s": 0.069, "unet_fwd": 246, "img_s_speed_config": 0.161}
 ROWS = {
     "diffguard_gdm_imagenet": dict(kind="diffguard", preset="gdm", fixed_stop=60, minimal=184,
                                    batches=[16], tiny=dict(batches=[2], steps=6, fixed_stop=3, minimal=3 + 2 * 5)),
+    # the official "speed config" (exp/speed/exp6.1.yaml): 60 fixed inversion steps, no unconditional twin
+    "diffguard_gdm_imagenet_speedcfg": dict(kind="diffguard", preset="gdm", fixed_stop=60, reference="input", minimal=122,
+                                            batches=[16], optional=True,
+                                            tiny=dict(batches=[2], steps=6, fixed_stop=3, minimal=3 + 5)),
     "diffguard_dit_imagenet": dict(kind="diffguard", preset="dit", minimal=3 * 25, batches=[16, 32, 64],
                                    tiny=dict(batches=[2], steps=4, minimal=3 * 4)),
     "diffguard_cifar10": dict(kind="diffguard", preset="cifar", minimal=3 * 50, batches=[128, 256, 512],
@@ -86,7 +90,8 @@ def adapter_forward(model, dtype: str, device: torch.device):
 
 def diffguard_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float,
                   compile=None) -> dict:
-    args = SimpleNamespace(no_aes=False, fixed_stop=cfg.get("fixed_stop"), steps=cfg.get("steps"), compile=compile)
+    args = SimpleNamespace(no_aes=False, fixed_stop=cfg.get("fixed_stop"), steps=cfg.get("steps"), compile=compile,
+                           reference=cfg.get("reference"))
     runs = [diffguard_speed.run_one(cfg["preset"], dtype, bs, 1, not tiny, str(device), args) for bs in cfg["batches"]]
     best = max(runs, key=lambda r: r["img_s"])
     det, _, _, model = diffguard_speed.make_detector(cfg["preset"], dtype, 1, not tiny, str(device), args)
@@ -152,7 +157,8 @@ BUILDERS = {"diffguard": diffguard_row, "diffnb": diffnb_row, "lfdn": lfdn_row}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny stand-in models and step counts (CPU smoke run)")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=[k for k, v in ROWS.items() if not v.get("optional")], choices=list(ROWS),
+                   help="default: every row but the optional ones (diffguard_gdm_imagenet_speedcfg)")
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
                    help="bf16 = autocast, bf16-cast = diffusion backbone weights in bf16")
     add_compile_argument(p)
@@ -196,6 +202,13 @@ def write(args, device: torch.device, results: list[dict]) -> None:
     for r in results:
         lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['img_s']:.3f} | {r['fwd']:.1f} | {r['minimal']} | "
                      f"{r['bare']:.1f} | {r['ceiling']:.3f} | {100 * r['share']:.0f} % | {r['params'] / 1e6:.2f} |")
+    speedcfg = [r for r in results if r["name"] == "diffguard_gdm_imagenet_speedcfg"]
+    if speedcfg and not args.tiny:
+        lines += ["", "DiffGuard GDM speed config (60 fixed inversion steps, reference = input, no twin) against the official "
+                  f"speed config on one H100 (anchors-gpu.md §2: {OFFICIAL_GDM['img_s_speed_config']} img/s as shipped, "
+                  "184 UNet forwards/img there, 122 here):", ""]
+        lines += [f"- {r['dtype']}: {r['img_s']:.3f} img/s = **{r['img_s'] / OFFICIAL_GDM['img_s_speed_config']:.1f}x** the "
+                  "official speed config" for r in speedcfg]
     gdm = [r for r in results if r["name"] == "diffguard_gdm_imagenet"]
     if gdm and not args.tiny:
         lines += ["", "DiffGuard GDM (ADM-256) against the official implementation on one H100 (anchors-gpu.md §2: "

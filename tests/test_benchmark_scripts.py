@@ -90,12 +90,15 @@ def test_speed_diffnb_row_with_cast_weights_and_compile(single_thread):
 
 
 @pytest.mark.slow
-def test_speed_diffguard_cifar_row_counts_the_minimal_forwards():
+@pytest.mark.parametrize("row, minimal", [("diffguard_cifar10", 12), ("diffguard_gdm_imagenet_speedcfg", 8)])
+def test_speed_diffguard_rows_count_the_minimal_forwards(row, minimal):
+    """cifar: 4 inversion steps (null class) + 4 CFG steps x 2; GDM speed config: 3 fixed inversion steps +
+    5 guided steps (forback_skip 3), no unconditional twin."""
     import speed
 
-    cfg = {**speed.ROWS["diffguard_cifar10"], **speed.ROWS["diffguard_cifar10"]["tiny"]}
-    r = speed.diffguard_row("diffguard_cifar10", cfg, "fp32", True, speed.pick_device("cpu"), 0.1)
-    assert r["fwd"] == cfg["minimal"] == 12  # 4 inversion steps (null class) + 4 CFG steps x 2
+    cfg = {**speed.ROWS[row], **speed.ROWS[row]["tiny"]}
+    r = speed.diffguard_row(row, cfg, "fp32", True, speed.pick_device("cpu"), 0.1)
+    assert r["fwd"] == cfg["minimal"] == minimal
 
 
 @pytest.mark.slow
