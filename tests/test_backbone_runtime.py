@@ -144,3 +144,11 @@ def test_inductor_compile_matches_eager():
         ref = model.eps(x, t, y)
         model.configure(compile=True)
         torch.testing.assert_close(model.eps(x, t, y), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cast_keeps_diffusers_fp32_modules():
+    unet = _unet()
+    unet._keep_in_fp32_modules = ["time_embedding"]  # as diffusers models that need it declare
+    model = UNetAdapter(unet, NoiseSchedule.from_config(SCHED)).configure("bf16", cast_weights=True)
+    assert {p.dtype for p in unet.time_embedding.parameters()} == {torch.float32}
+    assert unet.conv_in.weight.dtype == torch.bfloat16

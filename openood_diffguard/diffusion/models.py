@@ -24,6 +24,17 @@ COMPUTE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "fp32": None
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def _cast_backbone(net: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters/buffers, keeping the modules a diffusers model lists in
+    ``_keep_in_fp32_modules`` in fp32 (as ``from_pretrained(torch_dtype=...)`` does). nn.Module.to is
+    called directly: diffusers' own ``to`` warns about that list even when it is empty."""
+    nn.Module.to(net, dtype)
+    keep = getattr(net, "_keep_in_fp32_modules", None) or []
+    for name, module in net.named_modules():
+        if keep and any(k in name.split(".") for k in keep):
+            nn.Module.to(module, torch.float32)
+
+
 class DiffusionModel(nn.Module):
     """Base adapter. Subclasses implement ``_raw(x, t, y)`` returning the network output and name their
     ``backbone_attr`` (the network ``configure`` casts / compiles)."""
@@ -70,7 +81,7 @@ class DiffusionModel(nn.Module):
             if target is None:
                 warnings.warn("casting a low-precision backbone back to fp32 keeps its rounding; reload the "
                               "weights for exact fp32 results", stacklevel=2)
-            net.to(target or torch.float32)
+            _cast_backbone(net, target or torch.float32)
             self.weights_dtype = target
         self.autocast_dtype = None if cast_weights else dt
         options = None if compile is False else ({} if compile is True else dict(compile))
