@@ -36,10 +36,12 @@ class FeatureStub(torch.nn.Module):
         return x[:, :10], feats
 
 
-def build(width: int, blocks: int, timesteps: list[int], first: bool, device: torch.device, widths=tuple(WIDTHS)):
-    """(detector, feature stub, features(bs), LFDN denoiser, denoiser forwards per sample) with random weights."""
+def build(width: int, blocks: int, timesteps: list[int], first: bool, device: torch.device, widths=tuple(WIDTHS),
+          dtype: str | None = None):
+    """(detector, feature stub, features(bs), LFDN denoiser, denoiser forwards per sample) with random weights;
+    ``dtype``: the detector's dtype parameter (bf16 = autocast of the LFDN network)."""
     D = sum(widths)
-    det = LFDN(layers=list(range(1, len(widths) + 1)), timesteps=timesteps)
+    det = LFDN(layers=list(range(1, len(widths) + 1)), timesteps=timesteps, dtype=dtype)
     det.final = LFDNet(D, width, blocks).to(device).eval()
     det.first = LFDNet(D, width, blocks).to(device).eval() if first else None
     det.standardizer = FeatureStandardizer(torch.zeros(D), torch.ones(D), list(widths))
@@ -62,14 +64,13 @@ def main() -> None:
     a = p.parse_args()
     device = setup_run(a)
     det, net, make_features, _, _ = build(a.width, a.blocks, [int(t) for t in a.timesteps.split(",")],
-                                          not a.no_first, device)
+                                          not a.no_first, device, dtype="bf16" if a.bf16 else None)
     feats = {}
 
     def run(bs: int) -> None:
         if bs not in feats:
             feats[bs] = make_features(bs)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
-            det.statistics(net, feats[bs])
+        det.statistics(net, feats[bs])
 
     rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
     n_params = sum(p.numel() for p in det.final.parameters()) / 1e6

@@ -125,16 +125,16 @@ def diffnb_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.devic
 
 def lfdn_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device, seconds: float,
              compile=None) -> dict:
-    det, net, features, lfdn, _ = lfdn_speed.build(cfg["width"], cfg["blocks"], [3], True, device, cfg["widths"])
+    bf16 = PRECISIONS[dtype][0] == "bf16"  # LFDN is a small MLP: autocast only (no cast / compile option)
+    det, net, features, lfdn, _ = lfdn_speed.build(cfg["width"], cfg["blocks"], [3], True, device, cfg["widths"],
+                                                   dtype="bf16" if bf16 else None)
     counter = diffguard_speed.ForwardCounter(lfdn)
     cache = {}
-    bf16 = PRECISIONS[dtype][0] == "bf16"  # LFDN is a small MLP: autocast only (no cast / compile option)
 
     def run(bs: int) -> None:
         if bs not in cache:
             cache[bs] = features(bs)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            det.statistics(net, cache[bs])
+        det.statistics(net, cache[bs])
 
     run(cfg["batches"][0])
     fwd = 2 * counter.n / cfg["batches"][0]  # final + first-epoch model: the counter sees the final one

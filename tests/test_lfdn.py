@@ -130,3 +130,19 @@ def test_stochastic_path_equals_the_released_codes_step(trained):
         torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
     finally:
         det.set_params(eta=0.0)
+
+
+def test_bf16_autocast_is_close_to_fp32(trained):
+    det, net, x_id, _ = trained
+    ref = det.statistics(net, x_id[:16])
+    det.set_params(dtype="bf16")
+    try:
+        low = det.statistics(net, x_id[:16])
+    finally:
+        det.set_params(dtype=None)
+    assert low["mse_t3"].dtype == torch.float32 and not torch.equal(low["mse_t3"], ref["mse_t3"])  # ran in bf16
+    torch.testing.assert_close(low["mse_t3"], ref["mse_t3"], rtol=0.05, atol=0.05 * float(ref["mse_t3"].mean()))
+    torch.testing.assert_close(low["cos_l2_t3"], ref["cos_l2_t3"], rtol=0, atol=0.02)
+    with pytest.raises(ValueError, match="dtype"):
+        det.set_params(dtype="int8", timesteps=[5])
+    assert det.params["dtype"] is None and det.params["timesteps"] == [3]  # a rejected change changes nothing

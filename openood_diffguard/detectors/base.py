@@ -43,8 +43,13 @@ class Detector(ABC):
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}")
         expensive = {k for k in params if k not in self.cheap_params and params[k] != self.params.get(k)}
+        before = dict(self.params)
         self.params.update(params)
-        self.validate_params()
+        try:
+            self.validate_params()
+        except Exception:
+            self.params = before  # a rejected change leaves the detector as it was
+            raise
         if expensive:
             self._on_expensive_change(expensive)
         return self

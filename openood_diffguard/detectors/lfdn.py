@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import DDIM, FunctionAdapter, NoiseSchedule, noise_to_level
+from ..diffusion.models import COMPUTE_DTYPES
 from ..features import DEFAULT_LAYERS, pooled_features
 from ..guidance import model_eps
 from .base import Detector
@@ -44,6 +45,7 @@ class LFDN(Detector):
         "timesteps": [3],          # start timestep(s) of the T = 100 schedule (code: 3; paper: 3-10 best)
         "eta": 0.0,                # 0 = deterministic DDIM (default); 1 = the code's stochastic path
         "seed": 0,                 # noise seed
+        "dtype": None,             # None | "bf16" | "fp16": autocast the LFDN network (GPU); scheduler maths stays fp32
         "score": "mfsim",          # mse | mfsim | lr (paper's best: MFsim)
         "mfsim_layer1": False,     # include layer 1 in MFsim (code skips it)
         "lr_sign": 1.0,            # +1: higher LR = ID (maths); -1 reproduces the released code's ranking
@@ -63,6 +65,8 @@ class LFDN(Detector):
             raise ValueError(f"timesteps must lie in [0, 99] (T = 100), got {p['timesteps']}")
         if float(p["eta"]) < 0:
             raise ValueError("eta must be >= 0")
+        if p["dtype"] not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(k for k in COMPUTE_DTYPES if k)} or null, got {p['dtype']!r}")
 
     # ------------------------------------------------------------------ models
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:
@@ -107,6 +111,7 @@ class LFDN(Detector):
         eta > 0 = the code's stochastic steps, noise from ``gen``)."""
         sched = self._schedule
         adapter = FunctionAdapter(lambda x, tt, y: model(x, tt), sched)
+        adapter.autocast_dtype = COMPUTE_DTYPES[self.params["dtype"]]  # outputs return in fp32 (DiffusionModel.predict)
         levels = sched.levels(torch.arange(int(t.max()) + 1))  # CLEAN, 0, 1, ..., t_max
         return DDIM(sched).sample(model_eps(adapter), z_t, levels, start=t + 1, stop=0,
                                   eta=float(self.params["eta"]), generator=gen)
