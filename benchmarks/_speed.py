@@ -85,6 +85,18 @@ class DenoiserCounter:
         model._raw = counted
 
 
+def statistics_runner(det, net, make_inputs: Callable[[int], torch.Tensor]) -> Callable[[int], None]:
+    """run(bs) = ``det.statistics`` on a batch of size bs; inputs are made once per size, outside the timing."""
+    inputs: dict[int, torch.Tensor] = {}
+
+    def run(bs: int) -> None:
+        if bs not in inputs:
+            inputs[bs] = make_inputs(bs)
+        det.statistics(net, inputs[bs])
+
+    return run
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

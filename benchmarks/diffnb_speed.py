@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 import torch  # noqa: E402
-from _speed import PRECISIONS, common_arguments, compile_option, setup_run, throughput, write_report  # noqa: E402
+from _speed import (PRECISIONS, common_arguments, compile_option, setup_run, statistics_runner, throughput,  # noqa: E402
+                    write_report)
 
 from openood_diffguard.detectors.diffnb import DiffNB  # noqa: E402
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
@@ -33,7 +34,7 @@ def build(full: bool, precision: str, timesteps: list[int], repeats: int, device
                               torch.nn.Flatten(), torch.nn.Linear(16, C)).to(device).eval()
     det = DiffNB(model, timesteps=timesteps, repeats=repeats, cfg_scale=3.0, normalization="cifar10",
                  dtype=None if dtype == "fp32" else dtype, cast_weights=cast, compile=compile)
-    det._ensure_models()  # applies dtype / cast / compile to the model
+    det.setup(net)  # applies dtype / cast / compile to the model
     size = cfg["sample_size"]
 
     def images(bs: int) -> torch.Tensor:
@@ -56,14 +57,7 @@ def main() -> None:
     precision = ("bf16-cast" if a.cast_weights else "bf16") if a.bf16 else "fp32"
     det, net, make_images, model, calls = build(a.full, precision, ts, a.repeats, device, compile_option(a.compile))
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    images = {}
-
-    def run(bs: int) -> None:
-        if bs not in images:
-            images[bs] = make_images(bs)
-        det.statistics(net, images[bs])
-
-    rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
+    rates = throughput(statistics_runner(det, net, make_images), [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
     notes = [f"UNet {n_params:.1f}M params ({'full DiffNB CIFAR config' if a.full else 'tiny config'}), "
              f"precision {precision}, compile={compile_option(a.compile)}, timesteps={ts}, R={a.repeats}, "
              f"CFG: {calls} UNet sample-evaluations per image",

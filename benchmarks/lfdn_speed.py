@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401
 import torch  # noqa: E402
-from _speed import common_arguments, setup_run, throughput, write_report  # noqa: E402
+from _speed import common_arguments, setup_run, statistics_runner, throughput, write_report  # noqa: E402
 
 from openood_diffguard.detectors.lfdn import LFDN  # noqa: E402
 from openood_diffguard.features import FeatureStandardizer  # noqa: E402
@@ -65,14 +65,7 @@ def main() -> None:
     device = setup_run(a)
     det, net, make_features, _, _ = build(a.width, a.blocks, [int(t) for t in a.timesteps.split(",")],
                                           not a.no_first, device, dtype="bf16" if a.bf16 else None)
-    feats = {}
-
-    def run(bs: int) -> None:
-        if bs not in feats:
-            feats[bs] = make_features(bs)
-        det.statistics(net, feats[bs])
-
-    rates = throughput(run, [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
+    rates = throughput(statistics_runner(det, net, make_features), [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
     n_params = sum(p.numel() for p in det.final.parameters()) / 1e6
     notes = [f"LFDN {n_params:.1f}M params (width {a.width}, {a.blocks} blocks, {sum(WIDTHS)}-d ResNet50 stages 1-3), "
              f"timesteps {det.params['timesteps']}, eta 0, models: final{'' if a.no_first else ' + first-epoch'}, "

@@ -28,7 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 import torch  # noqa: E402
 from _speed import (PRECISIONS, DenoiserCounter, add_compile_argument, compile_option, hardware, pick_device,  # noqa: E402
-                    setup_run, throughput)
+                    setup_run, statistics_runner, throughput)
 
 import diffguard_speed  # noqa: E402
 import diffnb_speed  # noqa: E402
@@ -94,8 +94,8 @@ def diffguard_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.de
                            reference=cfg.get("reference"))
     runs = [diffguard_speed.run_one(cfg["preset"], dtype, bs, 1, not tiny, str(device), args) for bs in cfg["batches"]]
     best = max(runs, key=lambda r: r["img_s"])
-    det, _, _, model = diffguard_speed.make_detector(cfg["preset"], dtype, 1, not tiny, str(device), args)
-    det._ensure_models()  # applies dtype / cast / compile
+    det, net, _, model = diffguard_speed.make_detector(cfg["preset"], dtype, 1, not tiny, str(device), args)
+    det.setup(net)  # applies dtype / cast / compile
     rate = bare_rate(adapter_forward(model, dtype, device), [b * 2 for b in cfg["batches"]], device, seconds)
     return dict(img_s=best["img_s"], batch=best["batch"], fwd=best["unet_fwd"], clf=best["clf_fwd"], bare=rate,
                 params=best["params"])
@@ -106,14 +106,7 @@ def diffnb_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.devic
     det, net, images, model, _ = diffnb_speed.build(not tiny, dtype, cfg["timesteps"], cfg["repeats"], device,
                                                     compile_option(compile))
     counter = DenoiserCounter(model)
-    cache = {}
-
-    def run(bs: int) -> None:
-        if bs not in cache:
-            cache[bs] = images(bs)
-        det.statistics(net, cache[bs])
-
-    counter.n = 0
+    run = statistics_runner(det, net, images)
     run(cfg["batches"][0])
     fwd = counter.n / cfg["batches"][0]
     rates = throughput(run, cfg["batches"], device, seconds)
@@ -129,13 +122,7 @@ def lfdn_row(name: str, cfg: dict, dtype: str, tiny: bool, device: torch.device,
     det, net, features, lfdn, _ = lfdn_speed.build(cfg["width"], cfg["blocks"], [3], True, device, cfg["widths"],
                                                    dtype="bf16" if bf16 else None)
     counter = diffguard_speed.ForwardCounter(lfdn)
-    cache = {}
-
-    def run(bs: int) -> None:
-        if bs not in cache:
-            cache[bs] = features(bs)
-        det.statistics(net, cache[bs])
-
+    run = statistics_runner(det, net, features)
     run(cfg["batches"][0])
     fwd = 2 * counter.n / cfg["batches"][0]  # final + first-epoch model: the counter sees the final one
     rates = throughput(run, cfg["batches"], device, seconds)

@@ -128,10 +128,11 @@ def test_detector_parameters_drive_the_backbone(unet_dir):
 def test_diffguard_user_model_is_configured_not_reloaded():
     model = UNetAdapter(_unet(), NoiseSchedule.from_config(SCHED))
     det = DiffGuard(model=model, guidance="cfg", reference="input", dtype="bf16", cast_weights=True)
-    assert det._ensure_models() is model and model.weights_dtype == torch.bfloat16
+    det.setup(torch.nn.Identity())
+    assert det.model is model and model.weights_dtype == torch.bfloat16
     with pytest.warns(UserWarning, match="reload"):
         det.set_params(cast_weights=False)
-        det._ensure_models()
+        det.setup(torch.nn.Identity())
     assert det.model is model and model.weights_dtype is None and model.autocast_dtype == torch.bfloat16
 
 

@@ -126,7 +126,8 @@ class DiffusionBackbone:
     in by the user): the precision and compilation of its backbone are parameters like any other.
 
     Subclasses add ``BACKBONE_PARAMS`` to their DEFAULTS (next to their own ``dtype``), call
-    ``_check_backbone_params`` in ``validate_params`` and ``_configure_model`` once the model is loaded.
+    ``_check_backbone_params`` in ``validate_params``, implement ``_load`` and call ``_ensure_models``
+    before scoring.
     """
 
     #: True when the model was passed in by the user (never reloaded from model_path)
@@ -146,8 +147,26 @@ class DiffusionBackbone:
             raise ValueError("compile must be false, true or a mapping of torch.compile options "
                              f"(mode, backend, dynamic, ...), got {self.params['compile']!r}")
 
-    def _configure_model(self) -> None:
+    #: what to tell a user who set no model_path
+    _missing_model: str = "set model_path to a local diffusers model directory (weights are never downloaded)"
+
+    def _load(self, path: str) -> Any:
+        """The detector's loader for ``model_path`` (a DiffusionModel adapter)."""
+        raise NotImplementedError
+
+    def _check_model(self) -> None:
+        """Hook: detector-specific requirements on the loaded model."""
+
+    def _ensure_models(self) -> Any:
+        """Load the model once (unless the user passed one), then apply dtype / cast / compile (idempotent)."""
+        if self.model is None:
+            path = self.params["model_path"]
+            if path is None:
+                raise ValueError(f"{type(self).__name__} needs a diffusion model: {self._missing_model}")
+            self.model = self._load(path)
         self.model.configure(self.params["dtype"], self.params["cast_weights"], self.params["compile"])
+        self._check_model()
+        return self.model
 
     def _on_expensive_change(self, changed: set[str]) -> None:
         if self._user_model or self.model is None:

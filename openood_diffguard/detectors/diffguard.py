@@ -152,17 +152,14 @@ class DiffGuard(DiffusionBackbone, Detector):
         net.eval()
         self._ensure_models()
 
-    def _ensure_models(self) -> DiffusionModel:
-        if self.model is None:
-            path = self.params["model_path"]
-            if path is None:
-                raise ValueError("DiffGuard needs a diffusion model: set model_path (a local diffusers directory) "
-                                 "or pass model=<DiffusionModel adapter>")
-            self.model = _LOADERS[self.params["model_type"]]()(path)
-        self._configure_model()
+    _missing_model = "set model_path (a local diffusers directory) or pass model=<DiffusionModel adapter>"
+
+    def _load(self, path: str) -> DiffusionModel:
+        return _LOADERS[self.params["model_type"]]()(path)
+
+    def _check_model(self) -> None:
         if self.params["guidance"] == "cfg" and self.model.null_class is None:
             raise ValueError("guidance 'cfg' needs a class-conditional diffusion model with a null class")
-        return self.model
 
     def _metric(self, kind: str) -> PerceptualDistance:
         if self._perceptual is None:

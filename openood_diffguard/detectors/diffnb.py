@@ -90,15 +90,11 @@ class DiffNB(DiffusionBackbone, Detector):
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:
         self._ensure_models()
 
-    def _ensure_models(self) -> None:
-        if self.model is None:
-            path = self.params["model_path"]
-            if path is None:
-                raise ValueError("DiffNB needs a class-conditional diffusion model: set postprocessor_args.model_path "
-                                 "to a local diffusers UNet2DModel directory (train one with "
-                                 "`openood-diffguard train-diffusion`)")
-            self.model = load_unet(path)
-        self._configure_model()
+    _missing_model = ("set postprocessor_args.model_path to a local class-conditional diffusers UNet2DModel "
+                      "directory (train one with `openood-diffguard train-diffusion`)")
+
+    def _load(self, path: str):
+        return load_unet(path)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": str(self.params["model_path"])}

@@ -30,9 +30,10 @@ def _cast_backbone(net: nn.Module, dtype: torch.dtype) -> None:
     called directly: diffusers' own ``to`` warns about that list even when it is empty."""
     nn.Module.to(net, dtype)
     keep = getattr(net, "_keep_in_fp32_modules", None) or []
-    for name, module in net.named_modules():
-        if keep and any(k in name.split(".") for k in keep):
-            nn.Module.to(module, torch.float32)
+    if keep:
+        for name, module in net.named_modules():
+            if any(k in name.split(".") for k in keep):
+                nn.Module.to(module, torch.float32)
 
 
 class DiffusionModel(nn.Module):
