@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable, Mapping
 
@@ -26,6 +27,9 @@ class Detector(ABC):
     cheap_params: ClassVar[tuple[str, ...]] = ()
     #: attributes holding heavy models: dropped when pickled, rebuilt lazily by ``setup``/``_ensure_models``
     heavy_attributes: ClassVar[tuple[str, ...]] = ()
+    #: accepted types of parameters whose default does not say it (default None, or several types);
+    #: every other parameter must have the type of its default (``check_param_types``)
+    PARAM_TYPES: ClassVar[dict[str, tuple[type, ...]]] = {}
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.DEFAULTS)
@@ -35,6 +39,7 @@ class Detector(ABC):
         self.params: dict[str, Any] = {**self.DEFAULTS, **params}
         for k in self.heavy_attributes:
             setattr(self, k, None)
+        check_param_types(self)
         self.validate_params()
 
     # ------------------------------------------------------------------ parameters
@@ -46,6 +51,7 @@ class Detector(ABC):
         before = dict(self.params)
         self.params.update(params)
         try:
+            check_param_types(self)
             self.validate_params()
         except Exception:
             self.params = before  # a rejected change leaves the detector as it was
@@ -135,6 +141,8 @@ class DiffusionBackbone:
     #: parameters whose change makes a loaded model stale
     _model_identity: tuple[str, ...] = ("model_path",)
 
+    PARAM_TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"compile": (bool, dict)}
+
     def __init__(self, model: Any = None, **params: Any) -> None:
         super().__init__(**params)
         self.model = model  # a DiffusionModel adapter, or None = load from model_path in setup()
@@ -164,9 +172,33 @@ class DiffusionBackbone:
             if path is None:
                 raise ValueError(f"{type(self).__name__} needs a diffusion model: {self._missing_model}")
             self.model = self._load(path)
+        self._weights_fingerprint()  # before any cast: the identity of the weights as loaded
         self.model.configure(self.params["dtype"], self.params["cast_weights"], self.params["compile"])
         self._check_model()
         return self.model
+
+    def _weights_fingerprint(self) -> str:
+        """Content hash of the diffusion model's weights, computed once per loaded (or passed-in) model: the
+        cache key follows the weights, not the path (retraining into the same folder gives a new key)."""
+        from ..cache import module_fingerprint
+
+        memo = getattr(self, "_fingerprint_memo", None)
+        if memo is None or memo[0] is not self.model:
+            memo = (self.model, module_fingerprint(self.model))
+            self._fingerprint_memo = memo
+        return memo[1]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_fingerprint_memo", None)  # holds the model; recomputed after the lazy reload
+        return state
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self.model is None and self.params.get("model_path") is None:
+            return {"weights": None}
+        if self.model is None:
+            self._ensure_models()
+        return {"weights": self._weights_fingerprint(), "adapter": type(self.model).__name__}
 
     def _on_expensive_change(self, changed: set[str]) -> None:
         if self._user_model or self.model is None:
@@ -193,3 +225,93 @@ def check_classifier_output(logits: torch.Tensor, num_classes: int | None) -> No
                          f"{num_classes}; use the checkpoint and config of the same dataset")
     if not torch.isfinite(logits).all():
         raise ValueError("classifier returned NaN/inf logits")
+
+
+# ---------------------------------------------------------------------------------------- validation
+class ParameterError(TypeError, ValueError):
+    """A detector parameter of the wrong type or out of range (catchable as either built-in)."""
+
+
+def _type_of_default(default: Any) -> tuple[type, ...] | None:
+    """Types a parameter with this default accepts (None: not derivable, declare it in PARAM_TYPES)."""
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (float, int)  # 3 is a fine value for a float parameter
+    if isinstance(default, str):
+        return (str,)
+    if isinstance(default, (list, tuple)):
+        return (list, tuple)
+    if isinstance(default, dict):
+        return (dict,)
+    return None
+
+
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               tuple: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _is_instance(value: Any, kind: type) -> bool:
+    # yml/APS values may arrive as numpy scalars; bools are ints to Python but never valid numbers here
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_param_types(detector: "Detector") -> None:
+    """Every parameter has the type of its default (or one declared in ``PARAM_TYPES``); the error names the
+    parameter, e.g. ``repeats: "four"`` or ``cfg_scale: "3.0"`` (a string from a yml typo)."""
+    owner = type(detector).__name__
+    for name, value in detector.params.items():
+        default = detector.DEFAULTS.get(name)
+        kinds = detector.PARAM_TYPES.get(name) or _type_of_default(default)
+        if kinds is None:
+            continue
+        if default is None and type(None) not in kinds:
+            kinds = (*kinds, type(None))
+        if not any(_is_instance(value, k) for k in kinds):
+            wanted = " or ".join(dict.fromkeys(_TYPE_NAMES.get(k, k.__name__) for k in kinds))
+            raise ParameterError(f"{owner}: parameter {name!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def check_range(owner: Any, name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """ValueError naming the parameter when ``value`` lies outside [low, high] (or the open ends)."""
+    if value is None:
+        return
+    bad = ((low is not None and (value <= low if low_open else value < low))
+           or (high is not None and (value >= high if high_open else value > high)))
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        cls = owner if isinstance(owner, str) else type(owner).__name__
+        raise ParameterError(f"{cls}: parameter {name!r} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+
+
+def check_choice(owner: Any, name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        cls = owner if isinstance(owner, str) else type(owner).__name__
+        raise ParameterError(f"{cls}: parameter {name!r} must be one of {list(choices)}, got {value!r}")
+
+
+def check_images(images: Any, owner: str = "detector") -> None:
+    """The same first check in every detector: a non-empty, finite, floating [B, C, H, W] tensor.
+    (The value range is checked against the normalisation by ``ImageSpace.validate``.)"""
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"{owner}: expected a batch of images [B, C, H, W], got "
+                         f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{owner}: empty batch (0 images): nothing to score")
+    if not images.is_floating_point():
+        raise ValueError(f"{owner}: images must be a floating-point tensor (normalised as the classifier expects), "
+                         f"got {images.dtype}")
+    finite = torch.isfinite(images.detach()).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(f"{owner}: images contain NaN/inf at batch positions {bad[:10]}"
+                         f"{' ...' if len(bad) > 10 else ''}")

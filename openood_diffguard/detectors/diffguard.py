@@ -21,6 +21,7 @@ random label: the paper's oracle ablation, for analysis only (it reads the test 
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Mapping
 
@@ -102,6 +103,10 @@ class DiffGuard(DiffusionBackbone, Detector):
     }
     cheap_params = ("similarity",)
     heavy_attributes = ("model", "_perceptual")
+    PARAM_TYPES = {**DiffusionBackbone.PARAM_TYPES, "num_classes": (int,), "diffusion_size": (int, type(None)),
+                   "max_inversion_steps": (int, type(None)), "aes_psnr_db": (float, type(None)),
+                   "aes_psnr_legacy": (float,), "aes_dists_sim": (float, type(None)), "cam_cut": (float, type(None)),
+                   "score_size": (int, type(None)), "normalization": (str, type(None)), "model_path": (str, os.PathLike), "metric_weights": (str, os.PathLike)}
 
     def __init__(self, model: DiffusionModel | None = None, **params: Any) -> None:
         super().__init__(model, **params)
@@ -139,13 +144,6 @@ class DiffGuard(DiffusionBackbone, Detector):
         if changed & {"cutouts", "cutout_min_fraction", "cutout_seed"}:
             self._cutouts = Cutouts(self.params["cutouts"] or 1, self.params["cutout_min_fraction"],
                                     seed=self.params["cutout_seed"])
-
-    def fingerprint(self) -> dict[str, Any]:
-        m = self.model
-        ident = {"model_path": self.params["model_path"]}
-        if m is not None:
-            ident.update(adapter=type(m).__name__, params=sum(p.numel() for p in m.parameters()))
-        return ident
 
     # ------------------------------------------------------------------ models
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:

@@ -11,6 +11,7 @@ the timesteps differ only by their per-sample start index on a shared DDIM grid 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import torch
@@ -65,6 +66,9 @@ class DiffNB(DiffusionBackbone, Detector):
     }
     cheap_params = ("aggregate", "max_model_batch")  # neither changes the statistics
     heavy_attributes = ("model",)
+    PARAM_TYPES = {**DiffusionBackbone.PARAM_TYPES, "timesteps": (list, tuple, int), "feature_clip": (float, type(None)),
+                   "diffusion_size": (int,), "model_path": (str, os.PathLike), "dtype": (str,),
+                   "normalization": (str, type(None))}
 
     def validate_params(self) -> None:
         p = self.params
@@ -95,9 +99,6 @@ class DiffNB(DiffusionBackbone, Detector):
 
     def _load(self, path: str):
         return load_unet(path)
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"model": str(self.params["model_path"])}
 
     def image_space(self, images: torch.Tensor) -> ImageSpace:
         mean, std = resolve_normalization(self.params["normalization"])

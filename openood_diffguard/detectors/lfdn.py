@@ -22,6 +22,7 @@ is the code's stochastic (DDPM-like) path, also ending at the clean level.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,6 +55,8 @@ class LFDN(Detector):
     }
     cheap_params = ("score", "mfsim_layer1", "lr_sign")
     heavy_attributes = ("final", "first", "standardizer")
+    PARAM_TYPES = {"timesteps": (list, tuple, int), "checkpoint": (str, os.PathLike), "dtype": (str,),
+                   "cache_dir": (str, os.PathLike)}
 
     def validate_params(self) -> None:
         p = self.params
