@@ -11,7 +11,7 @@ from openood_diffguard.cli import main
 from openood_diffguard.fusion import ScoreFusion
 from openood_diffguard.fusion.cli import _ood_metrics
 from openood_diffguard.fusion.presets import load_fusion_preset, parse_fusion_config, preset_dir
-from openood_diffguard.fusion.scores_io import align, load_scores, save_scores_npz
+from openood_diffguard.fusion.scores_io import UnsafePickleError, align, load_scores, save_scores_npz
 
 N = 600
 
@@ -97,6 +97,132 @@ def test_openood_pickle_loader_and_fit_on_id_test_half(tmp_path, capsys):
     assert "id_test_half" in capsys.readouterr().err
     assert main(["fuse", "--scores", str(tmp_path / "ebo.pkl"), str(b), "--fit-on", "id_test_half"]) == 0
     assert "far/mnist" in capsys.readouterr().out
+
+
+class _Payload:
+    """Unpickling this runs ``os.system`` (what a hostile 'score file' would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"echo pwned > {self.marker}",)
+
+
+class _StoragePayload:
+    """Hidden one level down: a 'tensor storage' whose bytes are themselves a hostile pickle (the stock
+    ``torch.storage._load_from_bytes`` runs a full ``torch.load`` on them)."""
+
+    def __init__(self, marker):
+        self.inner = pickle.dumps(_Payload(marker))
+
+    def __reduce__(self):
+        import torch.storage
+
+        return torch.storage._load_from_bytes, (self.inner,)
+
+
+def _hostile_scores(tmp_path, payload):
+    data = synthetic(4)
+    path = tmp_path / "evil.pkl"
+    openood_pickle(path, data)
+    scores = pickle.loads(path.read_bytes())
+    scores["id_preds"] = payload  # anywhere in the structure
+    path.write_bytes(pickle.dumps(scores))
+    return path, data
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", [_Payload, _StoragePayload])
+def test_hostile_pickle_is_refused_not_executed(tmp_path, capsys, kind):
+    marker = tmp_path / "pwned"
+    path, data = _hostile_scores(tmp_path, kind(marker))
+    with pytest.raises(UnsafePickleError, match="--trust-pickle"):
+        load_scores(path)
+    assert not marker.exists()  # nothing ran
+    _, b = write_pair(tmp_path, data)
+    assert main(["fuse", "--scores", str(path), str(b), "--fit-on", "id_test_half"]) == 2
+    err = capsys.readouterr().err
+    assert "refused to unpickle" in err and "--trust-pickle" in err and not marker.exists()
+    # the explicit opt-in is plain pickle.load: it does run the payload (the refusal above is not vacuous)
+    try:
+        load_scores(path, trust_pickle=True)
+    except Exception:  # noqa: BLE001 - the storage payload then fails torch's magic-number check
+        pass
+    assert marker.read_text().strip() == "pwned"
+
+
+def test_trust_pickle_opt_in_for_other_objects(tmp_path, capsys):
+    from fractions import Fraction
+
+    data = synthetic(5)
+    path = tmp_path / "other.pkl"
+    openood_pickle(path, data)
+    scores = pickle.loads(path.read_bytes())
+    scores["note"] = Fraction(1, 3)  # harmless, but not plain data: refused unless trusted
+    path.write_bytes(pickle.dumps(scores))
+    with pytest.raises(UnsafePickleError, match="fractions.Fraction"):
+        load_scores(path)
+    _, b = write_pair(tmp_path, data)
+    assert main(["fuse", "--scores", str(path), str(b), "--fit-on", "id_test_half", "--trust-pickle"]) == 0
+    (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a readable pickle|refused"):
+        load_scores(tmp_path / "junk.pkl")
+
+
+# OpenOOD v1.5's evaluator.scores as scripts/eval_ood.py --save-score writes it (pickle.HIGHEST_PROTOCOL),
+# written by numpy 1.26 + torch 2.13 in OpenOOD's environment: 4 samples per filled split, conf float32, and
+# id_preds / id_labels as torch tensors (Evaluator.eval_acc stores them so). zlib + base64.
+GENUINE_OPENOOD_PICKLE = (
+    "eNrdVE9r1EAUz7+17a6VWrzYUy9CvCzdbi1d0C2oeDDrVuvBXErIJpNmJM3sTCaFCgu9FFuZm2Ox4gfw7pfwEL+G0I8gCPUl2aVWVrqHnnyQvOT"
+    "NL7957/feZL/y4bSiFDaQptCwL3Nf4czFsewKfdeNwBkcJVxuwcp8nO709+oeYagOj4hhT4qaEzCy00uDADH5XprHiyWloioXTfsrLkWl4APv870+go"
+    "8hhzV5dPhWbkrT0oV6X3a73adnYMXNUrjsWcaBFOojyQEUzpjHc0O6IAjWv2ed9WazCVeyLsNZoQUr53ThzfFk4a0R1WWZj7wM584/RKkwvKTQTkx7O"
+    "HBZY8mT3UTohBSChgZoGCOXFeqOIEu5opNsqo7b9M/Csyxrfzo5aWdZpx0EP9oyXBhf1tkldrEsofN8ClKhB0XqorIT43IQriTtj8OUv2XZg+Xm16tK"
+    "O0nFNPadPkN+IsV1TpgX1p2U4whe5x2GeimOfIejOCHM2V3OR1bMlrAEnLuNpJhzIuL6xWA7vT2Yf0A9XICS9rV31ejX5yc/F19/eX67vq89O9XhPqC"
+    "KaeeF9RnhxCORs4tYgklMVQDYs7ASYc4j5KDYx25MtUO7CsF87J0Ev0EJ1QfUMO38OCYhYZxWLM3W4Q3HnF6zDNvIOUi8TacsI01hT9OeysFlylTxih"
+    "KqHYC8LGNVqto3ANJaWWk0W2utRqO12lqlJa3XT6luGV1OjRdAtkWVcVjVrRuT9vkA1LeUvBOWeiCPRA1kiJDHQQVQvrbBfAQ9eYw9DmLe3SzOr5iBV"
+    "kVuD0Fzwo4ZbvwPIq/dm1zkHDuByNo/RA5fjYSs5r+g4dQPZHgH/j+1IjRUt4yl9d9Oots/")
+
+
+def test_genuine_openood_pickle_from_numpy1_loads(tmp_path, recwarn):
+    import base64
+    import zlib
+
+    path = tmp_path / "ebo.pkl"
+    path.write_bytes(zlib.decompress(base64.b64decode(GENUINE_OPENOOD_PICKLE)))
+    loaded = load_scores(path)
+    assert set(loaded) == {"id_test", "near/cifar100", "far/mnist"}
+    np.testing.assert_array_equal(loaded["id_test"]["conf"], np.float32([0.9, 0.8, 0.7, 0.95]))
+    np.testing.assert_array_equal(loaded["id_test"]["label"], [1, 0, 2, 2])
+    np.testing.assert_array_equal(loaded["far/mnist"]["conf"], np.float32([0.9, 0.8, 0.7, 0.95]) - np.float32(0.6))
+    assert (loaded["near/cifar100"]["label"] == -1).all()
+    from openood_diffguard.fusion.scores_io import load_pickle
+
+    raw = load_pickle(path)
+    import torch
+
+    assert torch.equal(raw["id_preds"], torch.tensor([1, 0, 2, 1])) and raw["csid"] == {"cifar10c": None}
+    assert not [w for w in recwarn if "numpy.core" in str(w.message)]  # no numpy-1 deprecation noise
+
+
+def test_tensor_and_protocol_variants_load(tmp_path):
+    import torch
+
+    obj = {"id": {"test": [torch.arange(3), np.float64([1.5, 2, 3]), np.array([0, 1, 2])]},
+           "ood": {"near": {"a": [np.zeros(2, int), np.float16([0.5, 0.25]), -np.ones(2, int)]}},
+           "extra": (1 + 2j, {1, 2}, frozenset({3}), b"bytes", bytearray(b"x"), None, True, np.float32(1.0),
+                     torch.ones(2, dtype=torch.bfloat16)[1:], [np.array(["s"]), np.array([{"k": 1}], dtype=object)])}
+    from openood_diffguard.fusion.scores_io import load_pickle
+
+    for proto in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"p{proto}.pkl"
+        path.write_bytes(pickle.dumps(obj, proto))
+        got = load_pickle(path)
+        assert got["extra"][:8] == obj["extra"][:8]
+        assert torch.equal(got["extra"][8], obj["extra"][8]) and got["extra"][9][1][0] == {"k": 1}
+        assert load_scores(path)["near/a"]["conf"].tolist() == [0.5, 0.25]
 
 
 def test_align_by_key_and_refuse_misaligned(tmp_path):

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose the rule's parameters by AUROC on ID-val vs OOD-val (OpenOOD APS; uses OOD-val)")
     p.add_argument("--seed", type=int, default=0, help="seed of the id_test_half split")
     p.add_argument("--json", type=Path, help="also write the metrics table as JSON")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle .pkl score files without restriction (can run code: only for files you trust); "
+                        "by default only plain data (arrays, tensors, numbers, strings, lists, dicts) is loaded")
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -163,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"need one unique name per score file, got {names} (use --names)")
     if len(names) < 2:
         raise SystemExit("fuse needs at least two score files")
-    files = {n: load_scores(p) for n, p in zip(names, args.scores)}
+    files = {n: load_scores(p, trust_pickle=args.trust_pickle) for n, p in zip(names, args.scores)}
     aligned = align(files)
     baseline = args.baseline or names[0]
     diffusion = args.diffusion or names[1]
