@@ -125,7 +125,9 @@ def parse_fusion_config(cfg: Mapping[str, Any], where: str = "fusion config") ->
             raise ValueError(f"{where}: postprocessor_sweep.{key} must be a non-empty list")
         # not a rule parameter: a cheap detector parameter, checked by the postprocessor against the detector
         (sweep if param in rule_params else detector_sweep)[param] = values
-    aps = bool(pp.get("APS_mode", False))
+    from ..openood.sections import parse_bool
+
+    aps = parse_bool(pp.get("APS_mode", False), f"{where}: APS_mode")
     if aps and not sweep:
         raise ValueError(f"{where}: APS_mode true with an empty postprocessor_sweep (OpenOOD would recurse forever)")
     out = FusionConfig(detector=args["detector"], baseline=args["baseline"], rule=args["rule"],

@@ -35,7 +35,8 @@ from openood.postprocessors import BasePostprocessor  # noqa: E402
 from openood.utils import Config  # noqa: E402
 
 from ..fusion.baselines import BASELINE_ARGS  # noqa: E402
-from ..cache import ScoreCache, cached_statistics, default_cache_root, module_fingerprint, namespace  # noqa: E402
+from ..cache import (ScoreCache, atomic_write, cached_statistics, default_cache_root,  # noqa: E402
+                     module_fingerprint, namespace)
 from .sections import (aps_flag, detector_from_section, fusion_detector_section, section,  # noqa: E402
                        split_wrapper_args, sweep_parameters)
 
@@ -55,7 +56,7 @@ class DetectorPostprocessor(BasePostprocessor):
             wrapper = split_wrapper_args(pp)[0]
         self.detector = detector
         self.cache_dir = wrapper.get("cache_dir")
-        self.use_disk_cache = bool(wrapper.get("cache", True))
+        self.use_disk_cache = wrapper.get("cache", True)  # parsed strictly: "false" is false
         self.args_dict = dict(pp.get("postprocessor_sweep") or {})
         self._sweep = sweep_parameters(self.args_dict, self.detector.params, type(self).__name__)
         expensive = [p for p in self._sweep if p not in self.detector.cheap_params]
@@ -71,7 +72,6 @@ class DetectorPostprocessor(BasePostprocessor):
 
     def _transient(self) -> None:
         self._stores: dict[str, ScoreCache] = {}
-        self._fingerprints: dict[int, str] = {}
         self._setup_for: int | None = None
 
     # ------------------------------------------------------------------ OpenOOD hooks
@@ -107,10 +107,11 @@ class DetectorPostprocessor(BasePostprocessor):
 
     # ------------------------------------------------------------------ cache
     def store(self, net: torch.nn.Module) -> ScoreCache:
-        """Score store of the detector's current expensive parameters and this classifier."""
-        if id(net) not in self._fingerprints:
-            self._fingerprints[id(net)] = module_fingerprint(net)
-        ns = namespace(self.detector.cache_key(), self._fingerprints[id(net)])
+        """Score store of the detector's current expensive parameters and this classifier's weights.
+
+        The classifier is hashed on every call (once per loader pass, ~0.1 s for a ResNet50): a memo by object
+        would serve old scores after ``net.load_state_dict(...)`` or an in-place edit of the same object."""
+        ns = namespace(self.detector.cache_key(), module_fingerprint(net))
         if ns not in self._stores:
             root = (Path(self.cache_dir) if self.cache_dir else default_cache_root()) if self.use_disk_cache else None
             self._stores[ns] = ScoreCache(root, ns)
@@ -128,7 +129,7 @@ class DetectorPostprocessor(BasePostprocessor):
     # ------------------------------------------------------------------ pickling (scripts/eval_ood.py)
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # the detector drops its heavy models in its own __getstate__
-        for k in ("_stores", "_fingerprints", "_setup_for"):
+        for k in ("_stores", "_setup_for"):
             state.pop(k, None)
         return state
 
@@ -224,10 +225,7 @@ class FusionPostprocessor(BasePostprocessor):
                 self._restore_knn(np.load(path, allow_pickle=False))
                 return
             self.baseline.setup(net, id_loader_dict, ood_loader_dict)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, self.baseline.activation_log)
-            tmp.replace(path)
+            atomic_write(path, lambda f: np.save(f, self.baseline.activation_log))  # all or nothing, per writer
             return
         self.baseline.setup(net, id_loader_dict, ood_loader_dict)
 
