@@ -9,8 +9,8 @@ Layout: ``<root>/<namespace>/chunk-*.npz``. The namespace hashes the detector's 
 expensive parameters, content fingerprints of the models) and the classifier's weights hash. Each ``put``
 writes one chunk to a temporary file, fsyncs it and renames it into place (atomic on POSIX), so a
 ``kill -9`` loses at most the batch in flight and never leaves a half-written chunk visible. Temporary
-files of killed writers are removed when a cache is opened: those whose writer (host + pid in the name)
-is gone, and any older than ``stale_after`` seconds (writers on other hosts).
+files of killed writers are removed when a cache is opened: those whose writer (pid, tagged with its host,
+boot and pid namespace) is gone, and any older than ``stale_after`` seconds (writers on other hosts).
 
 Several processes can share one namespace. torchrun ranks split the samples by key (``distributed``);
 independent processes (two jobs started on the same benchmark) split the work batch by batch through
@@ -45,7 +45,23 @@ except ImportError:  # pragma: no cover - platform dependent
     fcntl = None
 
 _KEYS = "__keys__"
-_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
+def _writer_domain() -> str:
+    """Where this process's pid means something: host name + boot id + pid namespace (two containers on one
+    host, or two hosts with one name, get different tags, so a pid is only ever checked in its own domain)."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            pass
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:40] or "host"
+    return f"{name}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:8]}"
+
+
+_HOST = _writer_domain()
 
 
 def default_cache_root() -> Path:
@@ -238,21 +254,22 @@ class ScoreCache:
             if not create:
                 return False
 
+    def _claim_path(self, keys: Sequence[str]) -> Path:
+        return self.dir / f"claim-{hashlib.sha256(chr(10).join(sorted(keys)).encode()).hexdigest()[:24]}.lock"
+
     def claim(self, keys: Sequence[str]) -> "Claim | None":
         """Exclusive claim on computing ``keys`` (one batch): a held Claim, a no-op Claim when claims are off,
         or None when another live process holds it."""
         if not self.claims_enabled:
             return Claim()
-        digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
-        got = self._lock(self.dir / f"claim-{digest}.lock")
+        got = self._lock(self._claim_path(keys))
         return Claim() if got is False else got
 
     def held_elsewhere(self, keys: Sequence[str]) -> bool:
         """True while another live process holds the claim on exactly these keys."""
         if not self.claims_enabled:
             return False
-        digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
-        got = self._lock(self.dir / f"claim-{digest}.lock", create=False)
+        got = self._lock(self._claim_path(keys), create=False)
         if isinstance(got, Claim):
             got.release()
         return got is None

@@ -205,6 +205,7 @@ SHARER = textwrap.dedent("""
     from ood_toys import ToyDetector, batches, tiny_net
     from openood_diffguard.cache import ScoreCache, cached_statistics
     go = Path({go!r})
+    print("ready", flush=True)
     while not go.exists():  # start both processes together
         time.sleep(0.01)
     det = ToyDetector(delay=0.1)
@@ -218,7 +219,8 @@ def test_two_processes_on_one_cache_split_the_work(tmp_path):
     both return every row, equal to a single process's result."""
     script = SHARER.format(here=str(HERE), root=str(tmp_path / "cache"), go=str(tmp_path / "go"))
     procs = [_start(script, tmp_path / f"p{i}.npz") for i in range(2)]
-    time.sleep(0.5)
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     (tmp_path / "go").touch()
     for proc in procs:
         _, err = proc.communicate(timeout=120)
