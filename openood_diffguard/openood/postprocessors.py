@@ -109,8 +109,9 @@ class DetectorPostprocessor(BasePostprocessor):
     def store(self, net: torch.nn.Module) -> ScoreCache:
         """Score store of the detector's current expensive parameters and this classifier's weights.
 
-        The classifier is hashed on every call (once per loader pass, ~0.1 s for a ResNet50): a memo by object
-        would serve old scores after ``net.load_state_dict(...)`` or an in-place edit of the same object."""
+        The classifier is hashed on every call (once per loader pass; a ResNet50 hash costs far less than its
+        forward over a test set): a memo by object would serve old scores after ``net.load_state_dict(...)``
+        or an in-place edit of the same object."""
         ns = namespace(self.detector.cache_key(), module_fingerprint(net))
         if ns not in self._stores:
             root = (Path(self.cache_dir) if self.cache_dir else default_cache_root()) if self.use_disk_cache else None
