@@ -30,6 +30,18 @@ class EnergyHead(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.net(s.reshape(-1, 1))
 
+    def id_slope(self, s: torch.Tensor | None = None) -> float:
+        """d(logit_ID - logit_OOD)/ds (at ``s`` for the MLP; mean over it). Positive: higher logsumexp = more
+        ID, the orientation the energy score at test time assumes; the regulariser itself does not fix it."""
+        if isinstance(self.net, nn.Linear):
+            return float(self.net.weight[1, 0].detach() - self.net.weight[0, 0].detach())
+        s = torch.linspace(-5, 20, 64) if s is None else s.detach().reshape(-1)
+        s = s.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self(s)
+            (g,) = torch.autograd.grad((out[:, 1] - out[:, 0]).sum(), s)
+        return float(g.mean())
+
 
 def energy_regularised_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch.Tensor,
                             head: nn.Module, beta: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -38,7 +50,7 @@ def energy_regularised_loss(logits_in: torch.Tensor, labels: torch.Tensor, logit
     s = torch.logsumexp(torch.cat([logits_in, logits_out]), dim=1)
     b = torch.cat([torch.ones(len(logits_in)), torch.zeros(len(logits_out))]).long().to(s.device)
     reg = F.cross_entropy(head(s), b)
-    return ce + beta * reg, {"ce": float(ce), "energy_reg": float(reg)}
+    return ce + beta * reg, {"ce": float(ce.detach()), "energy_reg": float(reg.detach())}
 
 
 def random_interpolation_resize(x: torch.Tensor, size: int, generator: torch.Generator,
@@ -97,7 +109,7 @@ def train_with_outliers(net: nn.Module, loader: Iterable, outliers: torch.Tensor
             x = _random_shift(x, max_shift, gen)
             if outliers is None:
                 loss = F.cross_entropy(net(x), y)
-                parts = {"ce": float(loss)}
+                parts = {"ce": float(loss.detach())}
             else:
                 if order is None or pos + len(x) > len(order):
                     order, pos = torch.randperm(len(outliers), generator=ood_gen), 0
@@ -110,10 +122,12 @@ def train_with_outliers(net: nn.Module, loader: Iterable, outliers: torch.Tensor
             loss.backward()
             opt.step()
             n_batches += 1
-            for k, v in {"loss": float(loss), **parts}.items():
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v
         sched.step()
         history.append({k: v / max(n_batches, 1) for k, v in sums.items()})
+        if outliers is not None:
+            history[-1]["head_id_slope"] = head.id_slope()
     net.eval()
     return {"history": history, "head": head}
 
