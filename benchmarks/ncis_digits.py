@@ -38,7 +38,13 @@ SD_TOKEN_RMS = 0.0144
 ARMS = ("plain", "ncis", "gaussian")
 
 
-def run_seed(seed: int, data: DigitsOpenSet, backend: PixelUNetBackend, args, cache: Path, log) -> dict:
+def synthesise(seed: int, data: DigitsOpenSet, backend: PixelUNetBackend, args, cache: Path) -> tuple[dict, dict]:
+    """Embeddings -> K -> cVPN -> boundary samples (cVPN and plain-Gaussian arms) -> generated outliers.
+    Cached per seed (synth-s<seed>.json + outliers-<arm>-s<seed>.npy): classifier variants reuse them."""
+    info_path = cache / f"synth-s{seed}.json"
+    arms = ("ncis", "gaussian")
+    if info_path.is_file() and all((cache / f"outliers-{a}-s{seed}.npy").is_file() for a in arms):
+        return json.loads(info_path.read_text()), {a: torch.from_numpy(np.load(cache / f"outliers-{a}-s{seed}.npy")) for a in arms}
     t0 = time.time()
     timings = {}
     tr = data.dataset("id", "train")
@@ -60,7 +66,7 @@ def run_seed(seed: int, data: DigitsOpenSet, backend: PixelUNetBackend, args, ca
     reg = 1e-5 * scale ** 2
     outliers, counts = {}, {}
     t = time.time()
-    for arm in ("ncis", "gaussian"):
+    for arm in arms:
         with torch.no_grad():
             space = cvpn(emb, y) if arm == "ncis" else emb
         gauss = ClassGaussians(reg).fit(space, y)
@@ -72,6 +78,19 @@ def run_seed(seed: int, data: DigitsOpenSet, backend: PixelUNetBackend, args, ca
         outliers[arm], counts[arm] = imgs, len(imgs)
         np.save(cache / f"outliers-{arm}-s{seed}.npy", imgs.numpy())
     timings["sample+generate"] = time.time() - t
+    synth = {"k": k, "dim": emb.shape[1], "cvpn_best_mse": info["best_mse"], "cvpn_best_epoch": info["best_epoch"],
+             "cvpn_first_epoch_mse": info["history"][0]["eval_mse"] if info["history"] else float("nan"),
+             "emb_class_var": float(torch.stack([emb[y == c].var(0).mean() for c in y.unique()]).mean()),
+             "reg": reg, "lr_embed": 1e-2 * scale, "outliers": counts, "timings_s": timings}
+    info_path.write_text(json.dumps(synth, indent=1))
+    return synth, outliers
+
+
+def run_seed(seed: int, data: DigitsOpenSet, backend: PixelUNetBackend, args, cache: Path, log) -> dict:
+    t0 = time.time()
+    synth, outliers = synthesise(seed, data, backend, args, cache)
+    timings = dict(synth["timings_s"])
+    tr = data.dataset("id", "train")
     results = {}
     id_test = data.loader("id", "test", 256)
     ood_test = data.loader("ood", "test", 256)
@@ -80,54 +99,70 @@ def run_seed(seed: int, data: DigitsOpenSet, backend: PixelUNetBackend, args, ca
         torch.manual_seed(seed)
         net = SmallResNet(data.num_classes, in_channels=1, widths=(16, 32, 32, 32))
         loader = DataLoader(tr, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        train_with_outliers(net, loader, outliers.get(arm), epochs=args.epochs, beta=1.0, seed=seed, progress=False)
+        res = train_with_outliers(net, loader, outliers.get(arm), epochs=args.epochs, beta=1.0, head_init=args.head_init,
+                                  seed=seed, progress=False)
         parts = [energy_scores(net, ld) for ld in (id_test, ood_test)]
         pred, conf, label = (np.r_[a, b] for a, b in zip(*parts))
         m = ood_metrics(conf, label, pred)
         results[arm] = {"auroc": m.auroc, "fpr95_ood_pos": m.fpr95_ood_positive, "fpr95_id_pos": m.fpr95_id_positive,
-                        "acc": m.acc, "train_s": time.time() - t}
+                        "acc": m.acc, "train_s": time.time() - t,
+                        "head_id_slope": res["history"][-1].get("head_id_slope") if res["history"] else None}
         log(f"seed {seed} {arm:9s} AUROC {100 * m.auroc:.2f}  FPR@95 ID+ {100 * m.fpr95_id_positive:.2f}  "
             f"OOD+ {100 * m.fpr95_ood_positive:.2f}  acc {100 * m.acc:.2f}")
     timings["classifiers"] = sum(r["train_s"] for r in results.values())
-    with torch.no_grad():
-        init_mse = info["history"][0]["eval_mse"] if info["history"] else float("nan")
-    return {"seed": seed, "k": k, "dim": emb.shape[1], "cvpn_best_mse": info["best_mse"], "cvpn_best_epoch": info["best_epoch"],
-            "cvpn_first_epoch_mse": init_mse, "emb_class_var": float(torch.stack([emb[y == c].var(0).mean() for c in y.unique()]).mean()),
-            "reg": reg, "lr_embed": 1e-2 * scale, "outliers": counts, "results": results, "timings_s": timings,
-            "total_s": time.time() - t0}
+    return {"seed": seed, **{k: v for k, v in synth.items() if k != "timings_s"}, "head_init": args.head_init,
+            "results": results, "timings_s": timings, "total_s": sum(timings.values())}
 
 
-def summarise(runs: list[dict], args, wall: float) -> str:
+NAMES = {"plain": "plain (CE only, no outliers)", "ncis": "NCIS (cVPN + boundary Gaussians)",
+         "gaussian": "Gaussian in embedding space (no cVPN)"}
+
+
+def _table(runs: list[dict]) -> list[str]:
     def ms(arm, key):
         v = np.array([r["results"][arm][key] for r in runs]) * 100
         return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f}"
 
-    names = {"plain": "plain (CE only, no outliers)", "ncis": "NCIS (cVPN + boundary Gaussians)",
-             "gaussian": "Gaussian in embedding space (no cVPN)"}
     lines = ["| arm | AUROC | FPR@95 (ID+, papers) | FPR@95 (OOD+, OpenOOD) | ID accuracy |", "|---|---|---|---|---|"]
     for arm in ARMS:
-        lines.append(f"| {names[arm]} | {ms(arm, 'auroc')} | {ms(arm, 'fpr95_id_pos')} | {ms(arm, 'fpr95_ood_pos')} | {ms(arm, 'acc')} |")
-    per_seed = ["| seed | arm | AUROC | FPR@95 ID+ | FPR@95 OOD+ | acc |", "|---|---|---|---|---|---|"]
+        lines.append(f"| {NAMES[arm]} | {ms(arm, 'auroc')} | {ms(arm, 'fpr95_id_pos')} | {ms(arm, 'fpr95_ood_pos')} | {ms(arm, 'acc')} |")
+    return lines
+
+
+def _per_seed(runs: list[dict]) -> list[str]:
+    rows = ["| seed | arm | AUROC | FPR@95 ID+ | FPR@95 OOD+ | acc | phi ID slope (end) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         for arm in ARMS:
             x = r["results"][arm]
-            per_seed.append(f"| {r['seed']} | {arm} | {100 * x['auroc']:.2f} | {100 * x['fpr95_id_pos']:.2f} | "
-                            f"{100 * x['fpr95_ood_pos']:.2f} | {100 * x['acc']:.2f} |")
-    stages = ["| seed | K | cVPN invariant MSE (epoch 1 -> best, epoch) | embeddings | cVPN | sample + generate | 3 classifiers | total |",
-              "|---|---|---|---|---|---|---|---|"]
+            slope = x.get("head_id_slope")
+            rows.append(f"| {r['seed']} | {arm} | {100 * x['auroc']:.2f} | {100 * x['fpr95_id_pos']:.2f} | "
+                        f"{100 * x['fpr95_ood_pos']:.2f} | {100 * x['acc']:.2f} | "
+                        f"{'-' if slope is None else f'{slope:+.2f}'} |")
+    return rows
+
+
+def summarise(runs: list[dict], other: list[dict], args, wall: float) -> str:
+    """Markdown: the result table of ``runs`` (this --head-init), then ``other`` (the other init) if run."""
+    stages = ["| seed | K / D | cVPN invariant MSE (epoch 1 -> best, epoch) | embeddings | cVPN | sample + generate | 3 classifiers |",
+              "|---|---|---|---|---|---|---|"]
     for r in runs:
         t = r["timings_s"]
         stages.append(f"| {r['seed']} | {r['k']} / {r['dim']} | {r['cvpn_first_epoch_mse']:.3g} -> {r['cvpn_best_mse']:.3g} "
                       f"({r['cvpn_best_epoch']}) | {t['embed']:.0f} s | {t['cvpn']:.0f} s | {t['sample+generate']:.0f} s | "
-                      f"{t['classifiers']:.0f} s | {r['total_s']:.0f} s |")
-    return "\n".join([
-        "# NCIS on the digits open set (CPU)", "",
-        f"- Date: {datetime.date.today().isoformat()}. Hardware: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch thread(s), no GPU (shared 2-core machine); torch {torch.__version__}.",
-        f"- Command: `{args.command}`", f"- Wall time of this call: {wall / 60:.1f} min for {len(runs)} seeds.",
-        "", "## Result (mean ± std over seeds, EBO score, 325 ID / "
-        f"{runs[0]['n_ood'] if 'n_ood' in runs[0] else 'all'} OOD test digits)", "", *lines, "",
-        "## Per seed", "", *per_seed, "", "## Stages and wall time per seed", "", *stages, ""])
+                      f"{t['classifiers']:.0f} s |")
+    out = ["# NCIS on the digits open set (CPU)", "",
+           f"- Date: {datetime.date.today().isoformat()}. Hardware: {platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} torch thread(s), no GPU (shared 2-core machine); torch {torch.__version__}.",
+           f"- Command: `{args.command}`", f"- Wall time of this call: {wall / 60:.1f} min for {len(runs)} seeds.", "",
+           f"## Result: energy head phi `{args.head_init}` (mean ± std over {len(runs)} seeds, EBO score, "
+           f"{runs[0].get('n_id', 325)} ID / {runs[0].get('n_ood', 'all')} OOD test digits)", "", *_table(runs), ""]
+    if other:
+        out += [f"## Same outliers, energy head phi `{other[0]['head_init']}`", "", *_table(other), ""]
+    out += ["## Per seed", "", *_per_seed(runs), ""]
+    if other:
+        out += [*_per_seed(other), ""]
+    out += ["## Stages and wall time per seed", "", *stages, ""]
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -144,6 +179,8 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=100, help="outlier embeddings per class (code: 100)")
     p.add_argument("--gen-steps", type=int, default=50, help="DDIM steps (paper: 50)")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (the demo's for this model; SD: 7.5)")
+    p.add_argument("--head-init", choices=("oriented", "random"), default="oriented",
+                   help="energy head phi: oriented (default) or PyTorch's random init as the released code")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
     import shlex
@@ -168,16 +205,19 @@ def main() -> None:
 
     runs = []
     for seed in args.seeds:  # a finished seed is read back: seeds can run as separate processes, then be summarised
-        done = cache / f"run-s{seed}.json"
+        done = cache / f"run-s{seed}-{args.head_init}.json"
         if done.is_file():
             runs.append(json.loads(done.read_text()))
             continue
         r = run_seed(seed, data, backend, args, cache, log)
-        r["n_ood"] = len(data.dataset("ood", "test"))
+        r["n_ood"], r["n_id"] = len(data.dataset("ood", "test")), len(data.dataset("id", "test"))
         runs.append(r)
         done.write_text(json.dumps(r, indent=1, default=str))
         log(json.dumps({k: v for k, v in r.items() if k != "results"}, default=str))
-    Path(args.out).write_text(summarise(runs, args, time.time() - t0))
+    alt = "random" if args.head_init == "oriented" else "oriented"
+    other = [json.loads((cache / f"run-s{s}-{alt}.json").read_text()) for s in args.seeds
+             if (cache / f"run-s{s}-{alt}.json").is_file()]
+    Path(args.out).write_text(summarise(runs, other, args, time.time() - t0))
     print(Path(args.out).read_text())
 
 

@@ -164,6 +164,10 @@ def test_sampler_is_deterministic_and_class_independent():
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert not torch.allclose(a, c)
     torch.testing.assert_close(only2, a[24:], atol=0, rtol=0)
+    # every class has its own stream: the whitened draws differ between classes
+    z = [torch.linalg.solve_triangular(gauss.chol[c], (a[12 * c:12 * (c + 1)].double() - gauss.means[c]).T, upper=False).T
+         for c in range(2)]
+    assert (z[0] - z[1]).abs().max() > 0.1
 
 
 def test_lambda_sets_the_spread_along_degenerate_directions_and_transform_maps_back():

@@ -87,3 +87,18 @@ def test_training_with_outliers_separates_their_energy():
     head_acc = ((sign * s_in[:, None] > sign * s_out[None, :]).float().mean())
     plain_acc = max(float((p_in[:, None] > p_out[None, :]).float().mean()), float((p_in[:, None] < p_out[None, :]).float().mean()))
     assert float(head_acc) > 0.99 and float(head_acc) > plain_acc
+
+
+def test_energy_head_init_orientation():
+    slopes = {init: [] for init in ("oriented", "random")}
+    for seed in range(20):
+        for init in slopes:
+            torch.manual_seed(seed)
+            slopes[init].append(EnergyHead(init=init).id_slope())
+    assert all(s > 0 for s in slopes["oriented"])
+    assert any(s < 0 for s in slopes["random"])  # PyTorch's init: either orientation
+    assert [abs(s) for s in slopes["oriented"]] == pytest.approx([abs(s) for s in slopes["random"]])
+    torch.manual_seed(3)
+    assert EnergyHead(hidden=16).id_slope() > 0
+    with pytest.raises(ValueError, match="init must be one of"):
+        EnergyHead(init="zeros")

@@ -6,7 +6,8 @@ with its head phi in the optimizer; the outlier loader's images get the released
 NEAREST/BILINEAR resize + crop + flip (OpenOOD gives every non-train split the test transform);
 tensors go to the network's device instead of a hard-coded ``.cuda()``. Importing this module imports
 OpenOOD (an optional dependency). Config keys (``trainer.*``): ``beta`` (1.0), ``head_hidden`` (null:
-Linear(1, 2); 512: the ImageNet-100 MLP), ``ood_transform`` (both | nearest | bilinear | none).
+Linear(1, 2); 512: the ImageNet-100 MLP), ``head_init`` (oriented | random: see ``EnergyHead``),
+``ood_transform`` (both | nearest | bilinear | none).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class NCISTrainer(BaseTrainer):
         self.beta = float(tcfg.beta if "beta" in tcfg else 1.0)
         hidden = tcfg.head_hidden if "head_hidden" in tcfg else None
         self.device = next(net.parameters()).device
-        self.head = EnergyHead(int(hidden) if hidden else None).to(self.device)
+        init = str(tcfg.head_init) if "head_init" in tcfg else "oriented"
+        self.head = EnergyHead(int(hidden) if hidden else None, init).to(self.device)
         self.train_unlabeled_loader = train_unlabeled_loader
         if train_unlabeled_loader is None:
             raise ValueError("the NCIS trainer needs the outlier loader: add the 'oe' split (the openood_oe.yml "

@@ -19,13 +19,28 @@ from ..training.classifier import _random_shift
 
 
 class EnergyHead(nn.Module):
-    """phi: the scalar logsumexp(logits) -> 2 logits (index 1 = ID)."""
+    """phi: the scalar logsumexp(logits) -> 2 logits (index 1 = ID).
 
-    def __init__(self, hidden: int | None = None) -> None:
+    ``init="oriented"`` (default) starts phi with a positive ID slope (higher logsumexp = more ID, what the
+    energy score at test time assumes) by swapping its two output rows when PyTorch's random initialisation
+    came out inverted; ``"random"`` keeps that initialisation as the released code does. The regulariser
+    separates either way, and with an inverted phi the network learns to give the *outliers* the higher
+    logsumexp, which the energy score then ranks as ID (measured on digits: benchmarks/results/ncis_digits.md)."""
+
+    INITS = ("oriented", "random")
+
+    def __init__(self, hidden: int | None = None, init: str = "oriented") -> None:
         super().__init__()
         if hidden is not None and hidden < 1:
             raise ValueError(f"energy head hidden width must be >= 1 or None, got {hidden}")
+        if init not in self.INITS:
+            raise ValueError(f"energy head init must be one of {self.INITS}, got {init!r}")
         self.net = nn.Linear(1, 2) if not hidden else nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        if init == "oriented" and self.id_slope() < 0:
+            last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+            with torch.no_grad():
+                last.weight.copy_(last.weight.flip(0))
+                last.bias.copy_(last.bias.flip(0))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.net(s.reshape(-1, 1))
@@ -85,15 +100,15 @@ def ood_transform(kind: str, size: int, mean, std, crop_padding: int = 4):
 
 def train_with_outliers(net: nn.Module, loader: Iterable, outliers: torch.Tensor | None, epochs: int = 30,
                         lr: float = 3e-3, weight_decay: float = 5e-4, beta: float = 1.0, head_hidden: int | None = None,
-                        max_shift: int = 1, seed: int = 0, device: str | torch.device = "cpu",
-                        progress: bool = True) -> dict:
+                        head_init: str = "oriented", max_shift: int = 1, seed: int = 0,
+                        device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """The package's CPU classifier recipe (AdamW + cosine, random shifts), plus NCIS's regulariser when
     ``outliers`` (normalised images, [M, C, H', W']) are given: each ID batch is paired with an equally
     sized outlier batch (reshuffled when exhausted, randomly resized to the ID size). ``outliers=None`` is
     plain cross-entropy training with the same recipe and random stream. Returns the per-epoch losses."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    head = EnergyHead(head_hidden).to(device)
+    head = EnergyHead(head_hidden, head_init).to(device)
     net.to(device).train()
     params = list(net.parameters()) + (list(head.parameters()) if outliers is not None else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
