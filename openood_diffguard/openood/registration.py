@@ -162,22 +162,27 @@ def _patched_trainer_factory(original: Callable) -> Callable:
     return _marked(get_trainer, original)
 
 
+def _patch_bindings(attr: str, original: Callable, factory: Callable) -> list[str]:
+    """Point every ``openood.*`` module attribute ``attr`` that is OpenOOD's ``original`` (or an earlier
+    factory of ours wrapping it) at ``factory``."""
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("openood.") or module is None:
+            continue
+        current = getattr(module, attr, None)
+        if current is original or getattr(current, _MARK, False) and _unwrap(current) is original:
+            setattr(module, attr, factory)
+            patched.append(f"{name}.{attr}")
+    return patched
+
+
 def _register_trainers() -> list[str]:
     """Replace every binding of OpenOOD's ``get_trainer`` (``openood.trainers``, its ``utils`` and each
     pipeline that imported it) by a factory that serves ``TRAINERS`` and delegates the rest."""
     import openood.trainers.utils as tr_utils
 
     original = _unwrap(tr_utils.get_trainer)
-    factory = _patched_trainer_factory(original)
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("openood.") or module is None:
-            continue
-        current = getattr(module, "get_trainer", None)
-        if current is original or getattr(current, _MARK, False) and _unwrap(current) is original:
-            setattr(module, "get_trainer", factory)
-            patched.append(f"{name}.get_trainer")
-    return patched
+    return _patch_bindings("get_trainer", original, _patched_trainer_factory(original))
 
 
 def register(evaluator: bool = True) -> list[str]:
@@ -187,15 +192,7 @@ def register(evaluator: bool = True) -> list[str]:
     import openood.postprocessors.utils as pp_utils
 
     original = _unwrap(pp_utils.get_postprocessor)
-    factory = _patched_main_factory(original)
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("openood.") or module is None:
-            continue
-        current = getattr(module, "get_postprocessor", None)
-        if current is original or getattr(current, _MARK, False) and _unwrap(current) is original:
-            setattr(module, "get_postprocessor", factory)
-            patched.append(f"{name}.get_postprocessor")
+    patched = _patch_bindings("get_postprocessor", original, _patched_main_factory(original))
     patched += _register_trainers()
     if evaluator:
         patched += _register_evaluator()
