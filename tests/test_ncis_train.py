@@ -30,7 +30,7 @@ def test_energy_regularised_loss_known_answer():
         return -(z[target] - np.log(np.exp(z).sum()))
     reg = np.mean([nll(s[0], 1), nll(s[1], 1), nll(s[2], 0)])
     assert parts["ce"] == pytest.approx(ce, rel=1e-6) and parts["energy_reg"] == pytest.approx(reg, rel=1e-6)
-    assert float(loss) == pytest.approx(ce + 0.5 * reg, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(ce + 0.5 * reg, rel=1e-6)
     assert EnergyHead(hidden=8)(torch.zeros(3)).shape == (3, 2)
 
 
