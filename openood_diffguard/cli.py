@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("openood_diffguard.convert.cli", "convert original ADM / LDM cin256-v2 / DiffNB checkpoints to diffusers"),
     "train-diffusion": ("openood_diffguard.training.diffusion", "train DiffNB's class-conditional pixel UNet"),
     "train-lfdn": ("openood_diffguard.training.lfdn", "train the LFDN feature denoiser on a classifier's ID features"),
+    "ncis": ("openood_diffguard.ncis.cli", "NCIS outlier synthesis + training, one resumable stage per command"),
     "eval": ("openood_diffguard.main", "run OpenOOD's main.py pipeline with our postprocessors registered"),
 }
 

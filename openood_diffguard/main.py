@@ -7,7 +7,8 @@
 
 (also ``openood-diffguard eval ...``). A ``--config`` entry that is not a file but names one of our
 presets (a packaged yml stem such as ``diffguard_cifar10``, or an alias: ``diffguard``, ``diffnb``, ``lfdn``,
-``diffguard_fusion``) is replaced by the packaged yml.
+``diffguard_fusion``), or a packaged training config (``train_ncis``: OpenOOD's ``train_oe`` pipeline with
+our NCIS trainer, registered in OpenOOD's ``get_trainer``), is replaced by the packaged yml.
 Run it from the OpenOOD checkout (its ``configs/`` and ``data/`` paths are relative). Under
 ``torchrun --nproc_per_node N`` every rank runs the pipeline, our detectors shard samples across ranks
 and only rank 0 writes OpenOOD's csv / score files.
@@ -22,16 +23,17 @@ from typing import Sequence
 
 def resolve_config_args(argv: Sequence[str]) -> list[str]:
     """Replace preset names after ``--config`` by the packaged yml paths."""
-    from .openood.registration import packaged_configs
+    from .openood.registration import packaged_configs, packaged_train_configs
 
+    known = {**packaged_train_configs(), **packaged_configs()}
     out, in_config = [], False
     for arg in argv:
         if arg.startswith("--"):
             in_config = arg == "--config"
         elif in_config and not os.path.isfile(arg):
             stem = os.path.splitext(os.path.basename(arg))[0]
-            if stem in packaged_configs():
-                arg = str(packaged_configs()[stem])
+            if stem in known:
+                arg = str(known[stem])
         out.append(arg)
     return out
 
