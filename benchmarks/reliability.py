@@ -617,6 +617,16 @@ def run_probes(tmp: Path, kills: int) -> list[Row]:
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def markdown(rows: list[Row], argv: list[str], elapsed: float) -> str:
     _p = platform
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -630,7 +640,7 @@ def markdown(rows: list[Row], argv: list[str], elapsed: float) -> str:
         "are fixed on their own branches; re-run this script after they are merged).",
         "",
         f"Command: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/reliability.py {' '.join(argv)}`  ",
-        f"Date: {datetime.date.today().isoformat()}; commit {commit}; {_p.processor() or _p.machine()} "
+        f"Date: {datetime.date.today().isoformat()}; commit {commit}; {cpu_name()} "
         f"({os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s)), Python {_p.python_version()}, "
         f"torch {torch.__version__}, numpy {np.__version__}; OpenOOD importable: {openood_available()}; "
         f"run time {elapsed:.0f} s.",
