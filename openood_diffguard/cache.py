@@ -79,6 +79,8 @@ class ScoreCache:
         self._seen: set[str] = set()
         self._chunks: list[dict[str, np.ndarray]] = []
         self._index: dict[str, tuple[int, int]] = {}
+        #: rows ``cached_statistics`` computed (cache misses) into this store in this process; a warm cache adds 0
+        self.computed_rows = 0
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> None:
@@ -276,6 +278,7 @@ def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cac
             raise KeyError(f"{type(detector).__name__}.statistics must return 'pred' (Detector contract)")
         new_keys = [keys[i] for i in sel.tolist()]
         store.put(new_keys, stats)
+        store.computed_rows += len(new_keys)
         new_chunks.append({_KEYS: np.asarray(new_keys, dtype=str), **{k: _to_numpy(v) for k, v in stats.items()}})
     if world > 1:
         for r, chunks in enumerate(all_gather(new_chunks)):
