@@ -131,7 +131,8 @@ def _score(detector, net, loader, root: Path, progress: bool):
     with torch.set_grad_enabled(True):  # guidance / Grad-CAM need gradients
         out = cached_statistics(detector, net, loader, store, progress)
     stats = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.stats.items()}
-    return (out.stats["pred"].astype(int), detector.confidence(stats).numpy(), out.labels.astype(int)), store.computed_rows
+    triple = (out.stats["pred"].astype(int), detector.confidence(stats).numpy(), out.labels.astype(int))
+    return triple, store.computed_rows
 
 
 def _grid(detector: DiffGuard, net, data: DigitsOpenSet, path: Path, device: torch.device, n: int = 6) -> Path:
