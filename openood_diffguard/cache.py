@@ -207,6 +207,8 @@ class ScoreCache:
         self._seen: set[str] = set()
         self._chunks: list[dict[str, np.ndarray]] = []
         self._index: dict[str, tuple[int, int]] = {}
+        #: rows ``cached_statistics`` computed (cache misses) into this store in this process; a warm cache adds 0
+        self.computed_rows = 0
 
     # ------------------------------------------------------------------ hygiene
     def clean(self) -> list[Path]:
@@ -451,6 +453,7 @@ class _Work:
             raise KeyError(f"{type(det).__name__}.statistics must return 'pred' (Detector contract)")
         new_keys = [keys[i] for i in sel.tolist()]
         self.store.put(new_keys, stats)
+        self.store.computed_rows += len(new_keys)
         self.new_chunks.append({_KEYS: np.asarray(new_keys, dtype=str), **{k: _to_numpy(v) for k, v in stats.items()}})
 
     def settle(self, progress: bool) -> tuple[np.ndarray, np.ndarray]:

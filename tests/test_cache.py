@@ -45,11 +45,11 @@ def test_cached_statistics_reuses_rows_and_cheap_params(tmp_path):
     net, det, data = tiny_net(), ToyDetector(), batches()
     cache = ScoreCache(tmp_path, namespace(det.cache_key(), module_fingerprint(net)))
     stats, labels, _, _ = cached_statistics(det, net, data, cache, progress=False)
-    assert det.scored == 20 and labels.shape == (20,)
+    assert det.scored == 20 and labels.shape == (20,) and cache.computed_rows == 20
     ref = torch.cat([net(b["data"]).max(1).values for b in data]).detach().numpy()
     np.testing.assert_allclose(stats["maxlogit"], ref, rtol=1e-6)
     again, *_ = cached_statistics(det, net, list(reversed(data)), cache, progress=False)  # other order
-    assert det.scored == 20  # nothing recomputed (OpenOOD's duplicate ID pass, APS grid points)
+    assert det.scored == cache.computed_rows == 20  # nothing recomputed (OpenOOD's duplicate ID pass, APS grid points)
     np.testing.assert_allclose(again["maxlogit"][-6:], ref[:6], rtol=1e-6)  # rows follow loader order
     det.set_params(sign=-1.0)
     assert namespace(det.cache_key(), module_fingerprint(net)) == cache.dir.name  # cheap: same rows

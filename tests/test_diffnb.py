@@ -79,10 +79,25 @@ def test_shapes_determinism_and_timestep_set(linear_schedule):
     assert not torch.allclose(other["dist_t120"], s1["dist_t120"])
 
 
-def test_feature_space_and_errors(linear_schedule):
+def test_feature_space_and_errors(linear_schedule, monkeypatch):
+    """Feature space: the distance written out from its definition (pooled feature clipped from above at
+    feature_clip, L2-normalised, L1 to the input's, mean over repeats) on the neighbours the detector made."""
+    import openood_diffguard.detectors.diffnb as diffnb
+
     model, net, x_id, _ = _setup(linear_schedule)
-    s = _detector(model, space="feature", feature_clip=0.3, repeats=1).statistics(net, x_id[:4])
-    assert s["dist_t300"].shape == (4,) and torch.isfinite(s["dist_t300"]).all()
+    seen, embed = [], diffnb._embed
+    monkeypatch.setattr(diffnb, "_embed", lambda n, x, *a: (seen.append(x.clone()), embed(n, x, *a))[1])
+    s = _detector(model, space="feature", feature_clip=0.3, repeats=2).statistics(net, x_id[:4])
+    images, neighbours = seen  # the inputs, then repeats x batch reconstructions
+
+    def rep(x):  # NearestMean's feature is the flattened image
+        f = x.flatten(1).clamp(max=0.3)
+        return f / f.norm(dim=1, keepdim=True)
+
+    assert torch.equal(images, x_id[:4]) and neighbours.shape == (8, *SHAPE)
+    expected = (rep(neighbours).view(2, 4, -1) - rep(images)).abs().sum(-1).mean(0)
+    torch.testing.assert_close(s["dist_t300"], expected)
+    assert (x_id[:4] > 0.3).any()  # the clip is active on these inputs
     with pytest.raises(ValueError, match="multiples of stride"):
         DiffNB(timesteps=[310])
     with pytest.raises(ValueError, match="model_path"):

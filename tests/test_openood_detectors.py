@@ -1,25 +1,23 @@
-"""The real detectors inside a real OpenOOD checkout (skipped without it): DiffGuard (CIFAR preset, CFG
-with a tiny class-conditional UNet2DModel trained here for two steps with train_diffusion), DiffNB, LFDN
-(trained on the fly in setup) and DiffGuard + OpenOOD's EBO (cascade fusion, APS), each through the
-Evaluator by its packaged yml stem and through main.py via our launcher. The configs are the packaged
-presets with only model paths, sizes and step counts overridden. Every OpenOOD table must equal
-``openood_diffguard.metrics`` of scores computed here without OpenOOD (own image loading, the detector's
-``predict``, pytorch-ood's EBO for the fusion).
+"""The real detectors inside a real OpenOOD checkout (marked ``openood``: skipped when it is not installed, see
+conftest.py): DiffGuard (CIFAR preset, CFG with a tiny class-conditional UNet2DModel trained here for two
+steps with train_diffusion), DiffNB, LFDN (trained on the fly in setup) and DiffGuard + OpenOOD's EBO (cascade
+fusion, APS), each through the Evaluator by its packaged yml stem and through main.py via our launcher. The
+configs are the packaged presets with only model paths, sizes and step counts overridden. Every OpenOOD table
+must equal ``openood_diffguard.metrics`` of scores computed here without OpenOOD (own image loading, the
+detector's ``predict``, pytorch-ood's EBO for the fusion).
 """
 import pytest
 import torch
 import yaml
 
-pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]
-openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
-pytest.importorskip("openood.evaluation_api", reason="OpenOOD's Evaluator dependencies missing")
-
-import numpy as np  # noqa: E402
-
-from openood_bench import (CIFAR10_MEAN, CIFAR10_STD, OOD_SETS, build_bench, check_evaluator_rows,  # noqa: E402,F401
+import numpy as np
+from openood_bench import (CIFAR10_MEAN, CIFAR10_STD, OOD_SETS, build_bench, check_evaluator_rows,  # noqa: F401
                            check_main_py_csv, cpu_shim, imglist_images, load_net, main_py_argv)
-from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section  # noqa: E402
-from openood_diffguard.openood.sections import detector_from_section, fusion_detector_section  # noqa: E402
+
+from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section
+from openood_diffguard.openood.sections import detector_from_section, fusion_detector_section
+
+pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]
 
 SETS = ["test_cifar10", *(f"test_{n}" for g in ("near", "far") for n in OOD_SETS[g])]
 FAST = {"num_steps": 4, "dtype": "fp32"}  # DiffGuard: DDIM-4 instead of 50, fp32 on CPU

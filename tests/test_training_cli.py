@@ -7,6 +7,7 @@ from digits_net import digits_split, trained_digits_net, single_thread  # noqa: 
 from openood_diffguard.cli import main
 from openood_diffguard.detectors.lfdn import LFDN
 from openood_diffguard.diffusion import load_unet
+from openood_diffguard.training.lfdn import fit_lfdn
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,17 @@ def test_train_lfdn_cli(imglist, tmp_path):
                "--normalization", "unknown", "--image-size", "8", "--channels", "1", "--out", str(out),
                "--width", "32", "--blocks", "1", "--epochs", "2", "--device", "cpu"])
     assert rc == 0 and out.is_file()
+    # the CLI = the library on the same pixels: the PNGs' 8-bit values, 'unknown' normalisation (mean = std =
+    # 0.5) maps them back to [-1, 1]; default layers 1-4; the given training options
+    px = ((digits_split()[0][:120, 0].numpy() + 1) * 127.5).round().clip(0, 255)
+    pixels = torch.from_numpy((px / 127.5 - 1.0).astype(np.float32))[:, None]
+    ref = fit_lfdn(net, [(pixels, None)], [1, 2, 3, 4], {"width": 32, "blocks": 1, "epochs": 2}, progress=False)
+    got = torch.load(out, map_location="cpu", weights_only=True)
+    assert got["classifier_hash"] == ref["classifier_hash"] and got["layers"] == [1, 2, 3, 4]
+    assert got["train_config"] == ref["train_config"] and got["final"].keys() == ref["final"].keys()
+    assert got["history"] == pytest.approx(ref["history"], rel=1e-5)
+    for k, v in ref["final"].items():
+        torch.testing.assert_close(got["final"][k], v, rtol=1e-5, atol=1e-6)
     det = LFDN(checkpoint=str(out))
     det.setup(net)
     x = digits_split()[2][:3]
