@@ -33,10 +33,17 @@ def test_train_lfdn_cli(imglist, tmp_path):
                "--normalization", "unknown", "--image-size", "8", "--channels", "1", "--out", str(out),
                "--width", "32", "--blocks", "1", "--epochs", "2", "--device", "cpu"])
     assert rc == 0 and out.is_file()
-    det = LFDN(checkpoint=str(out))
+    det = LFDN(checkpoint=str(out), normalization="unknown")  # 1-channel images, mean = std = 0.5
     det.setup(net)
     x = digits_split()[2][:3]
     assert det.predict(net, x)[1].shape == (3,)
+    from openood_diffguard.training.lfdn import load_checkpoint
+
+    raw = torch.load(out, weights_only=True)  # default --variant code: its normalisation and training recipe
+    assert load_checkpoint(out)["feature_norm"] == "layer_code"
+    assert (raw["train_config"]["lr"], raw["train_config"]["ema"], raw["train_config"]["width"]) == (1e-5, 0.9999, 32)
+    with pytest.raises(ValueError, match="variant"):
+        LFDN(checkpoint=str(out), variant="ours", normalization="unknown").setup(net)
     with pytest.raises(ValueError, match="does not fit"):
         main(["train-lfdn", "--imglist", str(imglist / "train.txt"), "--network", "digits_net:TinyConvNet",
               "--classifier", str(tmp_path / "clf.pt"), "--num-classes", "10", "--out", str(out)])

@@ -22,10 +22,12 @@ Confidence is higher = ID: -mse, +mean cos, ``lr_sign`` * LR.
 - ``ours``  per-dimension standardisation fitted on ID train data; deterministic DDIM (eta 0), stride 1 to the
   clean level; the same noise for both models of LR (common random numbers: lower variance); higher LR = ID.
 
-Noise (every variant): common random numbers. For each timestep, one noise vector for the forward noising and
-one per stochastic step are drawn from ``seed`` and shared by every sample (``noise``), so a sample's score is
-the same at any batch size, shard, cache resume or routed subset, to float rounding. The released code draws
-fresh noise per sample and call; with this the score is a deterministic function of the input.
+Noise (every variant): the released code draws fresh noise per sample and call, so its score depends on the
+batch and the run. Here a sample's noise never depends on its batch: ``noise: common`` (default) draws, per
+timestep, one forward-noise vector and one vector per stochastic step from ``seed``, shared by every sample
+(common random numbers); ``noise: per_sample`` gives each sample its own draw, keyed by a hash of its image
+bytes (statistically the code's independent draws). Either way a sample's score is the same at any batch size,
+shard, cache resume or routed subset, to float rounding, and is a deterministic function of the input.
 
 The LFDN checkpoint records the feature normalisation it was trained on and the classifier it belongs to: a
 variant with another normalisation or another classifier is refused with an error, never silently scored.
@@ -66,6 +68,40 @@ def _derived_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+_MASK63 = (1 << 63) - 1
+_INT64 = lambda c: c - (1 << 64) if c >= 1 << 63 else c  # noqa: E731  (uint64 constant as a wrapping int64)
+
+
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic; exact and identical on every device)."""
+    z = (z ^ _srl(z, 30)) * _INT64(0xBF58476D1CE4E5B9)
+    z = (z ^ _srl(z, 27)) * _INT64(0x94D049BB133111EB)
+    return z ^ _srl(z, 31)
+
+
+def content_keys(images: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: a hash of each image's float32 bytes (a wrapping integer dot product with fixed random
+    weights, exact and order-free, so it does not depend on the batch; one pass, no loop over samples)."""
+    bits = images.detach().float().contiguous().view(torch.int32).flatten(1).long()
+    w = torch.randint(-(1 << 62), 1 << 62, (bits.shape[1],), generator=torch.Generator().manual_seed(0x1FD)) | 1
+    return _mix((bits * w.to(bits.device)).sum(1)).cpu()
+
+
+def keyed_normal(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] standard normal numbers, a function of each int64 key only (counter-based: splitmix64 of
+    key + counter, Box-Muller on 53-bit uniforms)."""
+    counter = torch.arange(2 * n, dtype=torch.int64) * _INT64(0x9E3779B97F4A7C15)
+    bits = _mix(_mix(keys.view(-1, 1)) + counter.view(1, -1))
+    u = _srl(bits, 11).double() / float(1 << 53)
+    u1, u2 = 1.0 - u[:, :n], u[:, n:]  # u1 in (0, 1]
+    return ((-2 * u1.log()).sqrt() * torch.cos(2 * torch.pi * u2)).float()
+
+
 class LFDN(Detector):
     name = "lfdn"
     DEFAULTS: dict[str, Any] = {
@@ -74,7 +110,9 @@ class LFDN(Detector):
         "layers": list(DEFAULT_LAYERS["resnet18"]),  # 1-based feature-list indices; ResNet50: [1, 2, 3]
         "timesteps": [3],          # start timestep(s), 0-based indices of the T = 100 schedule (code: 3)
         "eta": None,               # stochastic DDIM term; None = the variant's (code / paper 1, ours 0)
-        "seed": 0,                 # noise seed (common random numbers: the same noise for every sample)
+        "seed": 0,                 # noise seed
+        "noise": "common",         # common: one noise draw shared by every sample; per_sample: a draw per sample
+                                   # keyed by its image bytes (as the code's independent draws); both batch-free
         "dtype": None,             # None | "bf16" | "fp16": autocast the LFDN network (GPU); scheduler maths stays fp32
         "score": "mfsim",          # mse | mfsim | lr
         "mfsim_layer1": None,      # include layer 1 in MFsim; None = the variant's (code / ours skip it)
@@ -95,6 +133,7 @@ class LFDN(Detector):
         p = self.params
         check_choice(self, "variant", p["variant"], VARIANTS)
         check_choice(self, "score", p["score"], SCORES)
+        check_choice(self, "noise", p["noise"], ("common", "per_sample"))
         if isinstance(p["timesteps"], int):
             p["timesteps"] = [p["timesteps"]]
         ts = p["timesteps"]
@@ -253,17 +292,31 @@ class LFDN(Detector):
         return state
 
     # ------------------------------------------------------------------ noise
-    def noise(self, t: int, dim: int, stream: str = "final") -> dict[str, torch.Tensor]:
-        """The common random numbers of timestep ``t``: ``q`` [dim] for the forward noising, ``steps``
-        [n, dim] for the stochastic DDIM steps (row i = the step leaving path index i), and for the paper's
-        sampler ``stride``. ``stream`` "first" is the first-epoch model's independent draw (code / paper LR).
-        (Parity checks may replace this method by per-sample noise: ``q`` [B, dim], ``steps`` [n, B, dim].)"""
-        gen = torch.Generator().manual_seed(_derived_seed(int(self.params["seed"]), int(t), stream))
+    def noise(self, t: int, dim: int, stream: str = "final", keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The noise of timestep ``t``: ``q`` for the forward noising, ``steps`` for the stochastic DDIM steps
+        (row i = the step leaving path index i) and, for the paper's sampler, ``stride`` (always shared). Without
+        ``keys``: common random numbers, ``q`` [dim] and ``steps`` [n, dim] shared by every sample. With ``keys``
+        (int64 [B], one per sample: ``sample_keys``): a different draw per sample, a function of (seed, key),
+        ``q`` [B, dim] and ``steps`` [n, B, dim]. ``stream`` "first" is the first-epoch model's independent draw
+        (code / paper LR)."""
+        base = _derived_seed(int(self.params["seed"]), int(t), stream)
+        gen = torch.Generator().manual_seed(base)
+        n = int(t) + 2  # one per path index, enough for every sampler
         out = {"q": torch.randn(dim, generator=gen)}
-        if self.option("sampler") == "paper":
+        if VARIANTS[self.params["variant"]]["sampler"] == "paper":
             out["stride"] = torch.randint(1, int(t) + 2, (1,), generator=gen)
-        out["steps"] = torch.randn(int(t) + 2, dim, generator=gen)  # one per path index, enough for every sampler
+        out["steps"] = torch.randn(n, dim, generator=gen)
+        if keys is not None:
+            z = keyed_normal(keys.cpu() ^ (base & _MASK63), (n + 1) * dim).view(len(keys), n + 1, dim)
+            out["q"], out["steps"] = z[:, 0], z[:, 1:].transpose(0, 1)
         return out
+
+    def sample_keys(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample noise keys (``noise: per_sample``): an int64 hash of each image's bytes, so a sample's
+        noise is the same in any batch; None for common random numbers."""
+        if self.params["noise"] != "per_sample":
+            return None
+        return content_keys(images)
 
     # ------------------------------------------------------------------ denoising
     def _path(self, t: int, noise: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
@@ -308,7 +361,10 @@ class LFDN(Detector):
     @torch.no_grad()
     def statistics(self, net, images, labels=None) -> dict[str, torch.Tensor]:
         check_images(images, "LFDN")
-        ImageSpace.for_dataset(self.params["normalization"]).validate(images)  # NaN / [0, 255] never get cached
+        try:  # NaN / inf / [0, 255] images are refused before anything is computed or cached
+            ImageSpace.for_dataset(self.params["normalization"]).validate(images)
+        except ValueError as err:
+            raise ValueError(f"LFDN: {err} (parameter 'normalization' = {self.params['normalization']!r})") from None
         self._ensure_models()
         self._check_classifier(net)
         logits, z0, widths = self.features(net, images)
@@ -319,10 +375,11 @@ class LFDN(Detector):
         if self.first is not None:
             models["first_"] = self.first.to(z0.device)
         stats = {"pred": logits.argmax(1)}
+        keys = self.sample_keys(images)
         for t in (int(t) for t in self.params["timesteps"]):
             for prefix, model in models.items():
                 shared = prefix == "" or self.option("lr_shared_noise")
-                noise = self.noise(t, D, "final" if shared else "first")
+                noise = self.noise(t, D, "final" if shared else "first", keys)
                 z_t = self._schedule.add_noise(z0, noise["q"].to(z0).expand_as(z0), torch.full((len(z0),), t))
                 z_hat = self._denoise(model, z_t, t, noise)
                 err = (z_hat - z0) ** 2
