@@ -23,11 +23,11 @@ Confidence is higher = ID: -mse, +mean cos, ``lr_sign`` * LR.
   clean level; the same noise for both models of LR (common random numbers: lower variance); higher LR = ID.
 
 Noise (every variant): the released code draws fresh noise per sample and call, so its score depends on the
-batch and the run. Here a sample's noise never depends on its batch: ``noise: common`` (default) draws, per
-timestep, one forward-noise vector and one vector per stochastic step from ``seed``, shared by every sample
-(common random numbers); ``noise: per_sample`` gives each sample its own draw, keyed by a hash of its image
-bytes (statistically the code's independent draws). Either way a sample's score is the same at any batch size,
-shard, cache resume or routed subset, to float rounding, and is a deterministic function of the input.
+batch and the run. Here a sample's noise never depends on its batch: ``noise: shared`` (default) draws, per
+timestep, one forward-noise vector and one vector per stochastic step from ``seed``, used by every sample
+(common random numbers); ``noise: per_sample`` gives each sample its own draw, keyed by a hash of its 8-bit
+image content (statistically the code's independent draws; DiffNB's keyed generator). Either way a sample's
+score is the same at any batch size, shard, cache resume or routed subset, to float rounding.
 
 The LFDN checkpoint records the feature normalisation it was trained on and the classifier it belongs to: a
 variant with another normalisation or another classifier is refused with an error, never silently scored.
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..diffusion import DDIM, FunctionAdapter, NoiseSchedule
 from ..diffusion.models import COMPUTE_DTYPES
+from ..diffusion.noise import content_key, keyed_normal
 from ..features import DEFAULT_LAYERS, layer_normalize, pooled_features
 from ..guidance import model_eps
 from ..space import ImageSpace
@@ -68,40 +69,6 @@ def _derived_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-_MASK63 = (1 << 63) - 1
-_INT64 = lambda c: c - (1 << 64) if c >= 1 << 63 else c  # noqa: E731  (uint64 constant as a wrapping int64)
-
-
-def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (z >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (wrapping arithmetic; exact and identical on every device)."""
-    z = (z ^ _srl(z, 30)) * _INT64(0xBF58476D1CE4E5B9)
-    z = (z ^ _srl(z, 27)) * _INT64(0x94D049BB133111EB)
-    return z ^ _srl(z, 31)
-
-
-def content_keys(images: torch.Tensor) -> torch.Tensor:
-    """int64 [B]: a hash of each image's float32 bytes (a wrapping integer dot product with fixed random
-    weights, exact and order-free, so it does not depend on the batch; one pass, no loop over samples)."""
-    bits = images.detach().float().contiguous().view(torch.int32).flatten(1).long()
-    w = torch.randint(-(1 << 62), 1 << 62, (bits.shape[1],), generator=torch.Generator().manual_seed(0x1FD)) | 1
-    return _mix((bits * w.to(bits.device)).sum(1)).cpu()
-
-
-def keyed_normal(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n] standard normal numbers, a function of each int64 key only (counter-based: splitmix64 of
-    key + counter, Box-Muller on 53-bit uniforms)."""
-    counter = torch.arange(2 * n, dtype=torch.int64) * _INT64(0x9E3779B97F4A7C15)
-    bits = _mix(_mix(keys.view(-1, 1)) + counter.view(1, -1))
-    u = _srl(bits, 11).double() / float(1 << 53)
-    u1, u2 = 1.0 - u[:, :n], u[:, n:]  # u1 in (0, 1]
-    return ((-2 * u1.log()).sqrt() * torch.cos(2 * torch.pi * u2)).float()
-
-
 class LFDN(Detector):
     name = "lfdn"
     DEFAULTS: dict[str, Any] = {
@@ -111,8 +78,8 @@ class LFDN(Detector):
         "timesteps": [3],          # start timestep(s), 0-based indices of the T = 100 schedule (code: 3)
         "eta": None,               # stochastic DDIM term; None = the variant's (code / paper 1, ours 0)
         "seed": 0,                 # noise seed
-        "noise": "common",         # common: one noise draw shared by every sample; per_sample: a draw per sample
-                                   # keyed by its image bytes (as the code's independent draws); both batch-free
+        "noise": "shared",         # shared: one noise draw used by every sample; per_sample: a draw per sample keyed
+                                   # by its 8-bit image content (as the code's independent draws); both batch-free
         "dtype": None,             # None | "bf16" | "fp16": autocast the LFDN network (GPU); scheduler maths stays fp32
         "score": "mfsim",          # mse | mfsim | lr
         "mfsim_layer1": None,      # include layer 1 in MFsim; None = the variant's (code / ours skip it)
@@ -133,7 +100,7 @@ class LFDN(Detector):
         p = self.params
         check_choice(self, "variant", p["variant"], VARIANTS)
         check_choice(self, "score", p["score"], SCORES)
-        check_choice(self, "noise", p["noise"], ("common", "per_sample"))
+        check_choice(self, "noise", p["noise"], ("shared", "per_sample"))
         if isinstance(p["timesteps"], int):
             p["timesteps"] = [p["timesteps"]]
         ts = p["timesteps"]
@@ -296,7 +263,7 @@ class LFDN(Detector):
         """The noise of timestep ``t``: ``q`` for the forward noising, ``steps`` for the stochastic DDIM steps
         (row i = the step leaving path index i) and, for the paper's sampler, ``stride`` (always shared). Without
         ``keys``: common random numbers, ``q`` [dim] and ``steps`` [n, dim] shared by every sample. With ``keys``
-        (int64 [B], one per sample: ``sample_keys``): a different draw per sample, a function of (seed, key),
+        ([B, 2], one per sample: ``sample_keys``): a different draw per sample, a function of (seed, key),
         ``q`` [B, dim] and ``steps`` [n, B, dim]. ``stream`` "first" is the first-epoch model's independent draw
         (code / paper LR)."""
         base = _derived_seed(int(self.params["seed"]), int(t), stream)
@@ -307,16 +274,16 @@ class LFDN(Detector):
             out["stride"] = torch.randint(1, int(t) + 2, (1,), generator=gen)
         out["steps"] = torch.randn(n, dim, generator=gen)
         if keys is not None:
-            z = keyed_normal(keys.cpu() ^ (base & _MASK63), (n + 1) * dim).view(len(keys), n + 1, dim)
+            z = keyed_normal(keys, (n + 1, dim), seed=base)
             out["q"], out["steps"] = z[:, 0], z[:, 1:].transpose(0, 1)
         return out
 
     def sample_keys(self, images: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample noise keys (``noise: per_sample``): an int64 hash of each image's bytes, so a sample's
-        noise is the same in any batch; None for common random numbers."""
+        """Per-sample noise keys (``noise: per_sample``): a hash of each image's 8-bit content
+        (``diffusion.noise.content_key``), so a sample's noise is the same in any batch; None = shared noise."""
         if self.params["noise"] != "per_sample":
             return None
-        return content_keys(images)
+        return content_key(ImageSpace.for_dataset(self.params["normalization"]).to_unit(images))
 
     # ------------------------------------------------------------------ denoising
     def _path(self, t: int, noise: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
