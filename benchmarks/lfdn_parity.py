@@ -6,15 +6,15 @@ The released code is imported from a local checkout (never vendored here; it nee
 ``einops``). Both sides get the same LFDN weights (the released ``LFDM`` + ``LFDN`` built from its own
 ``config/Config.yaml`` and source, our ``LFDNet`` weights loaded through ``networks.lfdn.to_released_state_dict``,
 strict), the same pooled features (EfficientNet-b4 widths 24/32/56/160/448 = 720-d, the released indices) and
-the same noise: the released side runs ``Generative_Mul_Feature.forward`` (CustomGroupNorm, its DDIMSampler with
+the same noise (the package's, injected into the released code): the released side runs ``Generative_Mul_Feature.forward`` (CustomGroupNorm, its DDIMSampler with
 100 DDIM steps and its 3 hard-coded sampling steps, ``calculate_similarity``), with its ``q_sample`` noise and
 its per-step ``noise_like`` draws replaced by ours; LR = MSE(first) - MSE(end) as ``test_LR.py``. Ours: one
 ``LFDN(variant="code").statistics`` call per batch of images that encode the features.
 
 Settings: paper-size random LFDN (width 1440, 16 blocks; the zero-initialised layers and GroupNorm affines
 randomised too, or every output would be 0), and a small LFDN trained briefly on the ID group (so the AUROCs are
-far from chance). Noise: our common random numbers (the package as shipped) and, as a stronger check, a
-different noise vector per sample injected into both sides. t = 3 (what the code runs) and t = 5 (the
+far from chance). Noise: ``noise: shared`` (one draw used by every sample, the default) and ``noise: per_sample``
+(a draw per sample keyed by its content, as the code's independent draws). t = 3 (what the code runs) and t = 5 (the
 ``subset_timesteps_num`` the code's argument meant to set; here set on the sampler directly).
 
 Run-time patches of the released code (nothing of it is changed on disk): ``.cuda()`` is a no-op (CPU);
@@ -239,25 +239,13 @@ def auroc_ood(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def compare(rc, checkout, tmp, setting, first, final, f, labels, t, per_sample, batch) -> list[dict]:
     D, B = f.shape[1], len(f)
-    det = LFDN(variant="code", layers=[1, 2, 3, 4, 5], timesteps=[t], normalization="imagenet")
+    det = LFDN(variant="code", layers=[1, 2, 3, 4, 5], timesteps=[t], normalization="imagenet",
+               noise="per_sample" if per_sample else "shared")
     det.set_models(final, first, widths=WIDTHS)
-    noise, offset = {}, {"i": 0}
-    for stream in ("final", "first"):
-        n = det.noise(t, D, stream)
-        if per_sample:  # a different vector per sample, for both sides
-            g = torch.Generator().manual_seed({"final": 11, "first": 12}[stream] + 100 * t)
-            n = {"q": torch.randn(B, D, generator=g), "steps": torch.randn(t + 2, B, D, generator=g)}
-        noise[stream] = n
-
-    def per_sample_noise(tt, dim, stream="final"):  # our side's slice of the injected per-sample noise
-        n, i = noise[stream], offset["i"]
-        return {"q": n["q"][i:i + batch], "steps": n["steps"][:, i:i + batch]}
-
-    if per_sample:
-        det.noise = per_sample_noise
+    keys = det.sample_keys(as_images(f))  # None: one draw shared by every sample
+    noise = {stream: det.noise(t, D, stream, keys) for stream in ("final", "first")}  # what statistics() draws
     ours = {}
     for i in range(0, B, batch):
-        offset["i"] = i
         s = det.statistics(FeatureNet(), as_images(f[i:i + batch]))
         for k, v in s.items():
             ours.setdefault(k, []).append(v)
@@ -285,11 +273,38 @@ def compare(rc, checkout, tmp, setting, first, final, f, labels, t, per_sample, 
     rows = []
     for score in ("mse", "mfsim", "lr"):
         a, b = (-conf[score]).double().numpy(), rel[score].double().numpy()  # both: higher = OOD
-        rows.append({"setting": setting, "t": t, "noise": "per sample" if per_sample else "common (package)",
+        rows.append({"setting": setting, "t": t, "noise": "per_sample" if per_sample else "shared",
                      "score": score, "n": B, "spearman": spearman(a, b), "max_abs": float(np.abs(a - b).max()),
                      "rel": float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12)), "std": float(b.std()),
                      "auroc_ours": auroc_ood(a, labels), "auroc_released": auroc_ood(b, labels)})
     return rows
+
+
+#: deliberate deviations from the released pipeline (applied to our side only): the check must catch each
+ABLATIONS = {
+    "per-sample z-score with the biased variance inside the sqrt (the paper's)": {"feature_norm": "layer_paper"},
+    "deterministic steps (eta 0)": {"eta": 0.0},
+    "DDIM to the clean level, output z0_hat (variant ours' sampler)": {"sampler": "ddim"},
+    "MFsim over all 5 layers": {"mfsim_layer1": True},
+    "the same noise for both LR models": {"lr_shared_noise": True},
+    "noise level of the model's own time input (no one-step offset)": {"shift": 0},
+}
+
+
+@contextlib.contextmanager
+def ablation(change: dict):
+    from openood_diffguard.detectors import lfdn as mod
+
+    saved, path = dict(mod.VARIANTS["code"]), mod.LFDN._path
+    mod.VARIANTS["code"].update({k: v for k, v in change.items() if k != "shift"})
+    if "shift" in change:
+        mod.LFDN._path = lambda self, t, noise: path(self, t, noise)[:2] + (change["shift"],)
+    try:
+        yield
+    finally:
+        mod.VARIANTS["code"].clear()
+        mod.VARIANTS["code"].update(saved)
+        mod.LFDN._path = path
 
 
 def main(argv=None) -> int:
@@ -299,6 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="batch size: the released sampler only works with 64 "
                     "(its hard-coded bsz; the test loaders use 64 with drop_last)")
     ap.add_argument("--timesteps", default="3,5", help="start timesteps to compare (the code runs 3)")
+    ap.add_argument("--ablations", action="store_true", help="also run deliberate deviations (t = 3, shared noise): "
+                    "each must fail the bars")
     ap.add_argument("--out", default=None, help="write a markdown report here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -322,15 +339,30 @@ def main(argv=None) -> int:
                     print(f"{setting} | t={t} | per-sample noise={per_sample} | "
                           + "; ".join(f"{x['score']}: rho {x['spearman']:.6f}, AUROC {x['auroc_ours']:.2f} vs "
                                       f"{x['auroc_released']:.2f}" for x in r), flush=True)
-    ok = all(r["spearman"] >= 0.999 and abs(r["auroc_ours"] - r["auroc_released"]) <= 0.1 for r in rows)
+    passes = lambda rs: all(r["spearman"] >= 0.999 and abs(r["auroc_ours"] - r["auroc_released"]) <= 0.1  # noqa: E731
+                            for r in rs)
+    ok = passes(rows)
     print("PASS" if ok else "FAIL", f"(worst Spearman {min(r['spearman'] for r in rows):.6f}, worst AUROC delta "
           f"{max(abs(r['auroc_ours'] - r['auroc_released']) for r in rows):.3f} points)")
+    caught = []
+    if args.ablations:
+        with released_code(checkout) as rc, tempfile.TemporaryDirectory() as tmp:
+            for name, change in ABLATIONS.items():
+                with ablation(change):
+                    rs = [r for setting, (first, final) in (("random", (big_first, big_final)),
+                                                            ("trained", (small_first, small_final)))
+                          for r in compare(rc, checkout, Path(tmp), setting, first, final, f, labels, 3, False,
+                                           args.batch)]
+                caught.append((name, min(r["spearman"] for r in rs),
+                               max(abs(r["auroc_ours"] - r["auroc_released"]) for r in rs), not passes(rs)))
+                print(f"ablation {name}: worst Spearman {caught[-1][1]:.6f}, worst AUROC delta {caught[-1][2]:.2f}, "
+                      f"{'caught' if caught[-1][3] else 'NOT caught'}", flush=True)
     if args.out:
-        write_report(Path(args.out), rows, args, ok)
-    return 0 if ok else 1
+        write_report(Path(args.out), rows, args, ok, caught)
+    return 0 if ok and all(c[3] for c in caught) else 1
 
 
-def write_report(path: Path, rows: list[dict], args, ok: bool) -> None:
+def write_report(path: Path, rows: list[dict], args, ok: bool, caught: list) -> None:
     lines = [
         "# LFDN `variant: code` vs the released DLSR code (numerical parity)", "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}"
@@ -339,15 +371,15 @@ def write_report(path: Path, rows: list[dict], args, ok: bool) -> None:
         " `Gen_Model.Generative_Mul_Feature.forward` (CustomGroupNorm, `DDIMSampler.sample` with 100 DDIM steps and "
         "its 3 sampling steps, `calculate_similarity`), LR = MSE(first) − MSE(end) as `test_LR.py`",
         f"- command: `python benchmarks/lfdn_parity.py --official <DLSR checkout> --n {args.n} --batch {args.batch} "
-        f"--timesteps {args.timesteps}"
+        f"--timesteps {args.timesteps}{' --ablations' if args.ablations else ''}"
         f"{' --out ' + str(path) if path else ''}` (needs `pip install omegaconf einops`)",
         f"- inputs: {2 * args.n} samples ({args.n} from an ID-like and {args.n} from an OOD-like feature distribution, "
         "720-d = EfficientNet-b4 widths 24/32/56/160/448, each sample with its own contrast so the scores vary), "
         f"batches of {args.batch}; both sides get the same features, LFDN weights and noise",
         "- settings: a paper-size LFDN with random weights (every layer randomised) and a small LFDN trained for 300 "
         "steps on the ID group (first-epoch model = step 30); t = 3 (what the code runs) and t = 5 (the code's "
-        "`subset_timesteps_num` as it was meant); noise = the package's common random numbers, or a different vector "
-        "per sample injected into both sides",
+        "`subset_timesteps_num` as it was meant); noise: `noise: shared` (one draw used by every sample) or "
+        "`noise: per_sample` (a draw per sample), the package's draws injected into the released code",
         "- compared: our score (higher = OOD: −confidence) with the released score (MSE sum, MFsim = −mean cos over "
         "layers 2–5, LR = MSE_first − MSE_end); AUROC with OOD positive as `test_LR.py` / `test_mse_mfsim.py`",
         "- run-time patches of the released code: `.cuda()` no-op, `register_buffer` without CUDA, "
@@ -361,6 +393,11 @@ def write_report(path: Path, rows: list[dict], args, ok: bool) -> None:
         lines.append(f"| {r['setting']} | {r['t']} | {r['noise']} | {r['score']} | {r['n']} | {r['spearman']:.6f} | "
                      f"{r['max_abs']:.2e} | {r['rel']:.1e} | {r['std']:.3g} | {r['auroc_ours']:.2f} | "
                      f"{r['auroc_released']:.2f} | {r['auroc_ours'] - r['auroc_released']:+.2f} |")
+    if caught:
+        lines += ["", "**The check can fail.** Each deliberate deviation below, applied to our side only (t = 3, shared "
+                  "noise, both settings), must break the bars:", "",
+                  "| deviation | worst Spearman | worst AUROC Δ (points) | caught |", "|---|---|---|---|"]
+        lines += [f"| {n} | {rho:.6f} | {d:.2f} | {'yes' if c else 'NO'} |" for n, rho, d, c in caught]
     path.write_text("\n".join(lines) + "\n")
 
 
