@@ -119,7 +119,7 @@ def build_detectors(unet_dir: Path, cfg: DemoConfig, num_classes: int, cache: Pa
                                diffusion_size=None, score_size=None),
         "DiffNB": DiffNB(**common, timesteps=list(cfg.diffnb_timesteps), repeats=cfg.diffnb_repeats, cfg_scale=3.0,
                          stride=20, seed=cfg.seed),
-        "LFDN": LFDN(score="mfsim", layers=[1, 2, 3, 4], cache_dir=str(cache),
+        "LFDN": LFDN(score="mfsim", layers=[1, 2, 3, 4], cache_dir=str(cache), normalization="digits",
                      train={"width": 128, "blocks": 2, "epochs": 30, "batch_size": 64, "lr": 1e-3}),
     }
 
