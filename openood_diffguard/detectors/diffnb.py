@@ -106,7 +106,7 @@ class DiffNB(DiffusionBackbone, Detector):
         "variant": "code",        # code | paper | hybrid: the defaults of the aspects below (module docstring)
         "timesteps": None,        # null = the variant's: code [120, 240, 360], paper / hybrid [300]
         "reference": None,        # null = the variant's: "noised" (code's t = 0 entry) | "clean" (the input)
-        "noise": None,            # null = the variant's: "per_sample" (content-keyed) | "shared" (same R images for all)
+        "noise": None,            # null = the variant's: "per_sample" (content-keyed) | "shared" (R images for all)
         "l2_normalize": None,     # null = the variant's: true (code) | false (paper: raw logits / features)
         "repeats": 4,             # R noise draws
         "cfg_scale": 3.0,         # omega (code: (1 + beta) eps_y - beta eps_null with beta = 2)
