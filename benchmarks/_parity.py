@@ -71,10 +71,12 @@ def agreement(ours: np.ndarray, official: np.ndarray, groups: np.ndarray) -> dic
             "score_max": float(official.max()), "distinct_official": len(np.unique(np.round(official, 6)))}
 
 
-def agreement_row(name: str, a: dict[str, float]) -> str:
-    return (f"| {name} | {a['n']} | {a['spearman']:.5f} | {a['auroc_ours']:.2f} | {a['auroc_official']:.2f} | "
-            f"{a['auroc_delta']:+.2f} | {a['max_abs_diff']:.2e} |")
+def agreement_row(name: str, a: dict[str, float], *extra: str) -> str:
+    cells = [name, str(a["n"]), f"{a['spearman']:.5f}", f"{a['auroc_ours']:.2f}", f"{a['auroc_official']:.2f}",
+             f"{a['auroc_delta']:+.2f}", f"{a['max_abs_diff']:.2e}", *extra]
+    return "| " + " | ".join(cells) + " |"
 
 
-AGREEMENT_HEADER = ("| comparison | samples | Spearman | AUROC ours | AUROC official | AUROC Δ (points) | max abs diff |\n"
-                    "|---|---|---|---|---|---|---|")
+def agreement_header(*extra: str) -> str:
+    cols = ["comparison", "samples", "Spearman", "AUROC ours", "AUROC official", "AUROC Δ (points)", "max abs diff", *extra]
+    return "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|"

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision before anything imports it)
 
-from _parity import AGREEMENT_HEADER, agreement, agreement_row, spearman, stub_dist_util, stub_module, varied_images  # noqa: E402
+from _parity import agreement, agreement_header, agreement_row, stub_dist_util, stub_module, varied_images  # noqa: E402
 
 from openood_diffguard.convert import ldm as ldm_convert  # noqa: E402
 from openood_diffguard.detectors.diffguard import DiffGuard  # noqa: E402
@@ -208,7 +208,7 @@ def run(args) -> list[str]:
                   f"{(syn['latents'] - off['latent']).abs().max().item():.2e} (max |latent| {off['latent'].abs().max().item():.2f})",
                   f"- DSG masks: {mask_agreement(ours, net, images, stats['pred'], off['mask']):.5f} of latent "
                   f"pixels equal; time: official {t_off:.1f} s (loader batches of {args.batch}), ours {t_ours:.1f} s "
-                  f"(one batch of {args.n})", "", AGREEMENT_HEADER]
+                  f"(one batch of {args.n})", "", agreement_header()]
         off_score = off["score"].numpy()
         for name, (st, _) in results.items():
             a = agreement(st["sim_dists"].numpy(), off_score, groups)

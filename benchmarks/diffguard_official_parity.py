@@ -3,7 +3,7 @@
     python benchmarks/diffguard_official_parity.py --official /path/to/DiffGuard-checkout [--n 40] [--steps 20 30]
 
 The official code is imported from a local checkout (never vendored here). Same tiny random UNet
-(6 output channels), classifier and random-weight DISTS on both sides, CPU, fp32. The official side runs
+(6 output channels), classifier and random-weight DISTS on both sides, CPU, fp64 by default (``--dtype``). The official side runs
 its own ``ddim_reverse_ode_loop`` (batched, AES with its 255-peak PSNR + DISTS rule) on
 ``SpacedDiffusion(space_timesteps(1000, "ddimN"))``, then per sample (generator reset, bs 1 + unconditional
 twin) ``ddim_sample_loop`` with ``GuidedDiffusionModel.cond_fn`` (x0-blend gradient, seeded ``MakeCutouts``),
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 import sys
 import types
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import openood_diffguard  # noqa: E402,F401
 
-from _parity import AGREEMENT_HEADER, agreement, agreement_row, stub_dist_util, stub_module, varied_images  # noqa: E402
+from _parity import agreement, agreement_header, agreement_row, stub_dist_util, stub_module, varied_images  # noqa: E402
 
 from openood_diffguard.detectors.diffguard import DiffGuard  # noqa: E402
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
@@ -45,6 +46,17 @@ class _Gen:
 
     def reset(self):
         self.rand_gen = torch.Generator().manual_seed(self.seed)
+
+
+def smooth_(net: torch.nn.Module) -> torch.nn.Module:
+    """ReLU -> SiLU and max-pool -> average pool in place: a classifier whose gradient has no kinks."""
+    for mod in list(net.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.ReLU):
+                setattr(mod, name, torch.nn.SiLU())
+            elif isinstance(child, torch.nn.MaxPool2d):
+                setattr(mod, name, torch.nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+    return net
 
 
 def official_run(args, steps, unet, net, space, dists, images):
@@ -74,7 +86,7 @@ def official_run(args, steps, unet, net, space, dists, images):
     lrg = _Gen(100)
     fake = types.SimpleNamespace(diffusion=diffusion, model_fn=model_fn, no_x0_hat=False,
                                  make_cutouts=MakeCutouts(side, 8, out_size=side, local_rand_gen=lrg),
-                                 config=types.SimpleNamespace(classifier_scale=3.0))
+                                 config=types.SimpleNamespace(classifier_scale=args.scale))
     mean = torch.tensor(space.mean).view(1, 3, 1, 1)
     std = torch.tensor(space.std).view(1, 3, 1, 1)
     clf01 = lambda u: net((u - mean) / std)  # noqa: E731  (official classifier takes [0, 1])
@@ -100,7 +112,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cap-skip", type=int, default=2, help="official early_stop_steps")
     ap.add_argument("--psnr255", type=float, default=56.1, help="official PSNR' threshold (255 peak on [-1,1])")
     ap.add_argument("--dists", type=float, default=0.2, help="official DISTS-similarity threshold")
+    ap.add_argument("--scale", type=float, default=30.0, help="classifier_scale on both sides (exp6.1: 3; the smooth "
+                    "random classifier has ~10x weaker gradients, so 30 makes the scores vary)")
     ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--dtype", choices=("fp32", "fp64"), default="fp64",
+                    help="precision of the UNet, classifier and images on both sides (DISTS stays fp32)")
+    ap.add_argument("--classifier", choices=("smooth", "relu"), default="smooth",
+                    help="relu: torchvision's ResNet18; smooth: the same with SiLU and average pooling. ReLU / max-pool "
+                         "kinks make the guidance gradient discontinuous, so last-bit differences (fp32 rounding, the "
+                         "official float32 schedule constants) now and then move a trajectory by ~1e-4")
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -118,32 +139,58 @@ def main(argv=None) -> int:
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=8).eval()
     net = resnet18(num_classes=10).eval()
+    if args.classifier == "smooth":
+        smooth_(net)
     space = ImageSpace.for_dataset("imagenet", diffusion_size=32)
     dists = PerceptualDistance("dists", pretrained=False)
     x01, groups = varied_images(args.n, 28, seed=0)
     images = space.from_unit(x01)
+    if args.dtype == "fp64":
+        unet, net, images = unet.double(), net.double(), images.double()
     lines = []
     for steps in args.steps:
-        det = DiffGuard(model=UNetAdapter(unet, NoiseSchedule.from_config({"beta_schedule": "linear"})), variant="code",
-                        num_steps=steps, max_inversion_steps=steps - args.cap_skip, diffusion_size=32, score_size=28,
-                        aes_psnr_legacy=args.psnr255, aes_dists_sim=args.dists, similarities=("dists",),
-                        pretrained_metrics=False)
-        det._perceptual = {"dists": dists}
-        ours = det.statistics(net, images)
+        base = dict(variant="code", num_steps=steps, max_inversion_steps=steps - args.cap_skip, diffusion_size=32,
+                    score_size=28, aes_psnr_legacy=args.psnr255, aes_dists_sim=args.dists, similarities=("dists",),
+                    pretrained_metrics=False, classifier_scale=args.scale)
+        runs = {"ours (variant: code)": {}}
+        if args.ablations:
+            runs.update({"PSNR in dB, peak 2 (paper's unit)": dict(aes_psnr_legacy=None,
+                                                                   aes_psnr_db=args.psnr255 - 20 * math.log10(127.5)),
+                         "forback_skip 2 (paper)": dict(forback_skip=2),
+                         "guidance on x0 (paper Eq. 7)": dict(guidance_target="x0"),
+                         "reference = input (paper)": dict(reference="input"),
+                         "antialiased score resize (torchvision >= 0.17)": dict(score_antialias=True),
+                         "diffusers leading grid": dict(timestep_spacing="leading")})
+        model = UNetAdapter(unet, NoiseSchedule.from_config({"beta_schedule": "linear"}))
+        results = {}
+        for name, over in runs.items():
+            det = DiffGuard(model=model, **dict(base, **over))
+            det._perceptual = {"dists": dists}
+            results[name] = det.statistics(net, images)
+        ours = results["ours (variant: code)"]
         stop_off, official = official_run(args, steps, unet, net, space, dists, images)
-        grid = det.paths()[0].tolist()
-        a = agreement(ours["sim_dists"].numpy(), official.numpy(), groups)
-        same = int((ours["stop_index"] == stop_off).sum())
-        lines += [f"### DDIM-{steps} (grid {grid[:3]} ... {grid[-1]}, cap {steps - args.cap_skip} inversion steps)", "",
-                  f"- stop steps equal: {same}/{args.n}; {len(set(stop_off.tolist()))} distinct official stop steps "
-                  f"({sorted(set(stop_off.tolist()))})", "", AGREEMENT_HEADER,
-                  agreement_row("ours (variant: code) vs official", a), "",
-                  f"scores span [{a['score_min']:.4f}, {a['score_max']:.4f}], {a['distinct_official']} distinct values.", ""]
-        print("\n".join(lines[-9:]), flush=True)
+        grid = DiffGuard(model=model, **base).paths()[0].tolist()
+        lines += [f"### DDIM-{steps} (grid {grid[:3]} ... {grid[-1]}, {len(grid)} steps, cap {steps - args.cap_skip} "
+                  "inversion steps)", ""]
+        table = [agreement_header("stop steps equal")]
+        for name, st in results.items():
+            a = agreement(st["sim_dists"].numpy(), official.numpy(), groups)
+            same = int((st["stop_index"] == stop_off).sum())
+            table.append(agreement_row(name + (" vs official" if name.startswith("ours") else ""), a, f"{same}/{args.n}"))
+            if name.startswith("ours"):
+                main_row, main_same = a, same
+        lines += [f"- stop steps equal: {main_same}/{args.n}; {len(set(stop_off.tolist()))} distinct official stop "
+                  f"steps ({sorted(set(stop_off.tolist()))})", ""] + table + [
+                  "", f"scores span [{main_row['score_min']:.4f}, {main_row['score_max']:.4f}], "
+                      f"{main_row['distinct_official']} distinct values.", ""]
+        print("\n".join(lines[-(len(table) + 6):]), flush=True)
+        if not (main_same == args.n and main_row["spearman"] >= 0.999 and abs(main_row["auroc_delta"]) <= 0.1):
+            lines.append(f"**FAILED the bar** (equal stops, Spearman >= 0.999, |AUROC delta| <= 0.1) at {steps} steps.")
     if args.out:
         head = ["# DiffGuard GDM path vs the official implementation (numerical parity)", "",
                 f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU "
-                f"({platform.processor() or platform.machine()}, 1 thread), torch {torch.__version__}, fp32",
+                f"({platform.processor() or platform.machine()}, 1 thread), torch {torch.__version__}, {args.dtype}, "
+                f"{args.classifier} ResNet18",
                 f"- command: `python benchmarks/diffguard_official_parity.py {' '.join(argv if argv is not None else sys.argv[1:])}`"]
         args.out.write_text("\n".join(head + [""] + lines) + "\n")
     return 0
