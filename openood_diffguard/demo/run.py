@@ -114,8 +114,8 @@ def build_detectors(unet_dir: Path, cfg: DemoConfig, num_classes: int, cache: Pa
     common = {"normalization": "digits", "model_path": str(unet_dir)}
     return {
         "DiffGuard": DiffGuard(**common, model_type="unet", num_classes=num_classes, guidance="cfg", cfg_scale=3.0,
-                               num_steps=cfg.diffguard_steps, inversion_convention="target", cam_cut=None,
-                               reference="input", similarities=("logits_l1", "logits_cos"), similarity="logits_l1",
+                               num_steps=cfg.diffguard_steps, variant="paper", cam_cut=False,  # as diffguard_cifar10
+                               similarities=("logits_l1", "logits_cos"), similarity="logits_l1",
                                diffusion_size=None, score_size=None),
         "DiffNB": DiffNB(**common, timesteps=list(cfg.diffnb_timesteps), repeats=cfg.diffnb_repeats, cfg_scale=3.0,
                          stride=20, seed=cfg.seed),
