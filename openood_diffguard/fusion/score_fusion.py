@@ -79,7 +79,8 @@ class ScoreFusion:
         self.rule.set_params(**params)
         if self.is_fitted:
             self._calibrate()
-            self.rule.fit(self)
+            if not self.missing_fit:
+                self.rule.fit(self)
         return self
 
     @property
@@ -151,6 +152,14 @@ class ScoreFusion:
             mask = np.zeros(b.shape, dtype=bool)
         return self._check_scores(scores, what, new=new, allow_nan={self.diffusion: mask})
 
+    def fit_band(self, baseline_id_scores: Any) -> "ScoreFusion":
+        """First half of a routed fit: the band from the baseline's ID scores alone, so that ``route`` picks the
+        ID samples whose diffusion score ``fit`` needs (all of them without a band). Unfitted until ``fit``."""
+        b = as_numpy(baseline_id_scores, f"ID fit scores {self.baseline!r}")
+        self.calibrators = {}
+        self.band_ecdf = ECDF().fit(b, name=f"ID fit scores {self.baseline!r}")
+        return self
+
     def band_rows(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The samples of ``scores`` inside the band (all of them without one)."""
         mask = self.rule.needs_diffusion(scores[self.baseline], self)
@@ -159,35 +168,35 @@ class ScoreFusion:
     def _calibrate(self, strict: bool = False) -> None:
         """Per-component calibrations from ``fit_scores``; the routed diffusion score on the band only.
 
-        ``strict``: in-band ID samples without a diffusion score are an error (fresh fit); otherwise (the band
+        ``strict``: in-band samples without a diffusion score are an error (fresh fit); otherwise (the band
         moved with ``set_params``) they are counted in ``missing_fit`` and scoring refuses until a refit.
         """
         calib = ECDF if self.rule.calibration == "ecdf" else ZScore
         cascade = isinstance(self.rule, Cascade)
-        self.missing_fit = 0
+        missing = 0
         self.calibrators = {}
         for c, v in self.fit_scores.items():
             if c == self.diffusion and (self.rule.routes or cascade):
                 inside = v[self.rule.needs_diffusion(self.fit_scores[self.baseline], self)]
                 known = inside[np.isfinite(inside)]
-                missing = inside.size - known.size
                 if cascade:  # only the order inside the band matters: any strictly increasing map will do
                     self.calibrators[c] = ECDF().fit(known) if known.size >= 2 else Squash()
                     continue
-                if missing and strict:
-                    raise ValueError(f"ID fit scores {c!r}: {missing} of the {inside.size} samples inside the band "
-                                     f"have no score (NaN); the band is set by the baseline's ID scores, compute "
-                                     f"{c!r} for those (fusion.route(baseline_id_scores))")
+                if inside.size > known.size and strict:
+                    raise ValueError(f"ID fit scores {c!r}: {inside.size - known.size} of the {inside.size} samples "
+                                     f"inside the band have no score (NaN); the band is set by the baseline's ID "
+                                     f"scores, compute {c!r} for those (fusion.route(baseline_id_scores))")
                 if known.size < 2:
                     raise ValueError(f"ID fit scores {c!r}: {known.size} samples inside the band; need at least 2 "
                                      f"to calibrate (raise the budget or add ID validation data)")
-                self.missing_fit = missing
+                missing += inside.size - known.size
                 self.calibrators[c] = calib().fit(known, name=f"ID fit scores {c!r} inside the band")
             else:
                 self.calibrators[c] = calib().fit(v, name=f"ID fit scores {c!r}")
-        if self.ood_val_scores is not None:  # the band may have moved (set_params)
-            for c, v in self.band_rows(self.ood_val_scores).items():
-                check_finite(v, f"OOD-val scores {c!r} inside the band")
+        if self.ood_val_scores is not None:  # only rules fitted on OOD-val keep these
+            inside = self.band_rows(self.ood_val_scores)[self.diffusion]
+            missing += int((~np.isfinite(inside)).sum())
+        self.missing_fit = missing
 
     def _check_scores(self, scores: Mapping[str, Any], what: str, new: bool = False,
                       allow_nan: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -211,8 +220,8 @@ class ScoreFusion:
     # ------------------------------------------------------------------ scoring
     def route(self, baseline_scores: Any) -> np.ndarray:
         """Bool mask of samples that need the diffusion score: the band (all True without one)."""
-        if not self.is_fitted:
-            raise RuntimeError("ScoreFusion.route() before fit(id_scores)")
+        if self.band_ecdf is None:
+            raise RuntimeError("ScoreFusion.route() before fit(id_scores) (or fit_band(baseline_id_scores))")
         b = as_numpy(baseline_scores, f"baseline scores {self.baseline!r}")
         check_finite(b, f"baseline scores {self.baseline!r}")
         mask = self.rule.needs_diffusion(b, self)
@@ -250,10 +259,10 @@ class ScoreFusion:
         like = next((v for v in scores.values() if hasattr(v, "detach")), None) if isinstance(scores, Mapping) else None
         if not self.is_fitted:
             raise RuntimeError("ScoreFusion used before fit(id_scores)")
-        if self.missing_fit and self.rule.reads_diffusion_calibration:
-            raise RuntimeError(f"ScoreFusion: {self.missing_fit} ID fit samples inside the moved band have no "
-                               f"{self.diffusion!r} score: fit again with them (scores of fusion.route(ID fit "
-                               f"baseline scores))")
+        if self.missing_fit:
+            raise RuntimeError(f"ScoreFusion: {self.missing_fit} fit samples inside the moved band have no "
+                               f"{self.diffusion!r} score: fit again with them (scores of the samples "
+                               f"fusion.route(baseline fit scores) selects)")
         # a band is never read outside: diffusion scores may be NaN there
         mask = self.route(scores[self.baseline]) if self.baseline in scores else None
         raw = self._check_scores(scores, "scores", allow_nan={self.diffusion: mask})
