@@ -38,7 +38,7 @@ def bench(tmp_path_factory):
     return build_bench(tmp_path_factory.mktemp("budget_bench"))
 
 
-@pytest.mark.parametrize("rule", ["rank", "cascade"])
+@pytest.mark.parametrize("rule", ["rank", pytest.param("cascade", marks=pytest.mark.slow)])
 def test_fusion_yml_budget_runs_the_detector_on_the_band_only(bench, rule, no_download):
     from openood.evaluation_api import Evaluator
     from openood_diffguard.fusion import ScoreFusion
@@ -58,6 +58,10 @@ def test_fusion_yml_budget_runs_the_detector_on_the_band_only(bench, rule, no_do
     loaders = ev.dataloader_dict
     ebo = lambda loader: pp.baseline.inference(net, loader, progress=False)[1]  # noqa: E731
     ref = ScoreFusion(rule, budget=0.5, alpha_out=alpha_out).fit_band(ebo(loaders["id"]["val"]))
+    # setup + APS: only the ID-val / OOD-val samples inside the band of either grid point were ever scored
+    grid = [ScoreFusion(rule, budget=0.5, alpha_out=a).fit_band(ebo(loaders["id"]["val"])) for a in (0.0, 0.1)]
+    in_any_band = lambda loader: int(np.logical_or(*[f.route(ebo(loader)) for f in grid]).sum())  # noqa: E731
+    assert scored_before_test == in_any_band(loaders["id"]["val"]) + in_any_band(loaders["ood"]["val"])
     tests = [loaders["id"]["test"], *loaders["ood"]["near"].values(), *loaders["ood"]["far"].values()]
     routed = [int(ref.route(ebo(loader)).sum()) for loader in tests]
     # each test sample scored at most once (in-memory store); exactly the routed ones
