@@ -171,3 +171,17 @@ def test_logistic_budget_fits_on_band_rows_only():
     hole["diffusion"][np.flatnonzero(need_ood)[0]] = np.nan
     with pytest.raises(ValueError, match="OOD-val scores 'diffusion'"):
         ScoreFusion("logistic", budget=0.2).fit(val, ood_val_scores=hole)
+
+
+def test_fit_band_routes_before_the_diffusion_scores_exist():
+    """Routed calibration in two steps: the band from baseline ID-val scores, then the fit with in-band scores."""
+    val, test, _, _ = near_ood(5)
+    two_step = ScoreFusion("zscore", budget=0.3).fit_band(val["baseline"])
+    need = two_step.route(val["baseline"])
+    assert need.mean() == pytest.approx(0.3, abs=2 / N)
+    with pytest.raises(RuntimeError, match="before fit"):
+        two_step(test)
+    two_step.fit({"baseline": val["baseline"], "diffusion": np.where(need, val["diffusion"], np.nan)})
+    np.testing.assert_array_equal(two_step(test), ScoreFusion("zscore", budget=0.3).fit(val)(test))
+    with pytest.raises(RuntimeError, match="fit_band"):
+        ScoreFusion("rank", budget=0.3).route(test["baseline"])
