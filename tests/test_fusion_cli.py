@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from openood_diffguard.cli import main
@@ -129,6 +130,13 @@ def test_presets_parse_and_build(stem):
     fusion = cfg.build_fusion()
     for values in itertools.product(*cfg.sweep.values()):
         fusion.set_params(**dict(zip(cfg.sweep, values)))  # every sweep point is a valid parameter set
+    # the documented budget switch: budget set, alpha_in dropped from rule_args and sweep
+    raw = yaml.safe_load((preset_dir() / f"{stem}.yml").read_text())
+    pp = raw["postprocessor"]
+    assert "budget" in pp["postprocessor_args"]["rule_args"]
+    pp["postprocessor_args"]["rule_args"] = {"alpha_out": 0.02, "budget": 0.3}
+    del pp["postprocessor_sweep"]["alpha_in_list"]
+    assert parse_fusion_config(raw).build_fusion().expected_routed_fraction == pytest.approx(0.3)
     if cfg.baseline == "vim":
         assert cfg.baseline_args["dim"] < 2048
 

@@ -16,13 +16,15 @@ format (mergeable by ``openood.utils.config``; load one, never stack two)::
         baseline_args: {temperature: 1}   # that postprocessor's args in OpenOOD's spelling
                                       # (ebo: temperature; knn: K; vim: dim (< feature size); mls: none)
         rule: cascade                 # rank | zscore | cascade | product | min | logistic (fusion.rules)
-        rule_args: {alpha_out: 0.02, budget: 0.3}   # budget: share of ID samples that reach the diffusion
-                                      # detector (the band above the ID-val quantile alpha_out); null = no
-                                      # budget (the cascade's band is then (alpha_out, 1 - alpha_in))
+        rule_args: {alpha_out: 0.02, alpha_in: 0.0, budget: null}   # budget rho: only a share rho of ID
+                                      # samples reaches the detector (band (alpha_out, alpha_out + rho) of the
+                                      # baseline's ID-val quantiles; alpha_in must then be 0 and not swept);
+                                      # null = the cascade's band (alpha_out, 1 - alpha_in)
         cache_dir: null               # score cache of the detector (OpenOOD postprocessor)
       postprocessor_sweep:            # APS grid, <param>_list; key order = set_hyperparam order; rule
         alpha_out_list: [0.005, 0.01, 0.02, 0.03, 0.04]   # parameters, or cheap detector parameters;
-                                      # never budget_list (a compute limit: APS would pick the largest)
+        alpha_in_list: [0.0, 0.05, 0.1, 0.2]              # never budget_list (a compute limit: APS would
+                                                          # pick the largest)
 
 The calibration is always fitted on ID ``val`` (never train: augmented in ``main.py``; never test or OOD).
 The fused score is ``ScoreFusion(rule, baseline="baseline", diffusion="diffusion", **rule_args)`` over the
