@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from openood_diffguard.cli import main
@@ -254,6 +255,13 @@ def test_presets_parse_and_build(stem):
     fusion = cfg.build_fusion()
     for values in itertools.product(*cfg.sweep.values()):
         fusion.set_params(**dict(zip(cfg.sweep, values)))  # every sweep point is a valid parameter set
+    # the documented budget switch: budget set, alpha_in dropped from rule_args and sweep
+    raw = yaml.safe_load((preset_dir() / f"{stem}.yml").read_text())
+    pp = raw["postprocessor"]
+    assert "budget" in pp["postprocessor_args"]["rule_args"]
+    pp["postprocessor_args"]["rule_args"] = {"alpha_out": 0.02, "budget": 0.3}
+    del pp["postprocessor_sweep"]["alpha_in_list"]
+    assert parse_fusion_config(raw).build_fusion().expected_routed_fraction == pytest.approx(0.3)
     if cfg.baseline == "vim":
         assert cfg.baseline_args["dim"] < 2048
 
@@ -289,6 +297,22 @@ def test_preset_schema_errors():
     empty["postprocessor"]["postprocessor_sweep"] = {}
     with pytest.raises(ValueError, match="empty postprocessor_sweep"):
         parse_fusion_config(empty)
+    # budget: a rule argument; never swept, and no sweep candidate may contradict it
+    budgeted = bad(postprocessor_args__rule_args={"w": 0.5, "budget": 0.2},
+                   postprocessor_sweep__alpha_out_list=[0.01, 0.02])
+    assert parse_fusion_config(budgeted).build_fusion().expected_routed_fraction == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="budget is a compute limit"):
+        parse_fusion_config(bad(postprocessor_sweep__budget_list=[0.1, 0.2]))
+    with pytest.raises(ValueError, match="budget .* must be in"):
+        parse_fusion_config(bad(postprocessor_args__rule_args={"budget": 0.0}))
+    with pytest.raises(ValueError, match="alpha_out_list value 1.5"):
+        parse_fusion_config(bad(postprocessor_args__rule_args={"budget": 0.2},
+                                postprocessor_sweep__alpha_out_list=[0.01, 1.5]))
+    cascade = bad(postprocessor_args__rule="cascade", postprocessor_args__rule_args={"budget": 0.2},
+                  postprocessor_sweep__alpha_in_list=[0.0, 0.1])
+    del cascade["postprocessor"]["postprocessor_sweep"]["w_list"]
+    with pytest.raises(ValueError, match="alpha_in_list value 0.1: .*either budget or alpha_in"):
+        parse_fusion_config(cascade)
 
 
 def test_detector_preset_resolution(tmp_path):
@@ -303,3 +327,32 @@ def test_detector_preset_resolution(tmp_path):
         resolve_detector_args({**args, "detector": "diffnb"}, tmp_path)
     with pytest.raises(FileNotFoundError, match="diffguard_nope"):
         resolve_detector_args({**args, "detector_preset": "diffguard_nope"}, tmp_path)
+
+
+def test_fuse_cli_budget_reads_only_routed_diffusion_scores(tmp_path, capsys):
+    """--budget: the diffusion file may hold NaN outside the band (a routed run); the table is the same as with
+    every diffusion score, and the routed share of every split is reported."""
+    data = synthetic(3)
+    a, b = write_pair(tmp_path, data)
+    full_json, sparse_json = tmp_path / "full.json", tmp_path / "sparse.json"
+    assert main(["fuse", "--scores", str(a), str(b), "--rule", "rank", "--budget", "0.3", "--json", str(full_json)]) == 0
+    assert "rank routed" in capsys.readouterr().out
+    fusion = ScoreFusion("rank", baseline="ebo", diffusion="diffguard", budget=0.3)
+    fusion.fit({"ebo": data["id_val"][0], "diffguard": data["id_val"][1]})
+    routed = {k: (v[0], np.where(fusion.route(v[0]), v[1], np.nan), v[2]) for k, v in data.items() if k != "ood_val"}
+    save_scores_npz(tmp_path / "diffguard.npz", {k: {"conf": v[1], "label": v[2]} for k, v in routed.items()})
+    save_scores_npz(tmp_path / "ebo.npz", {k: {"conf": v[0], "label": v[2]} for k, v in routed.items()})
+    assert main(["fuse", "--scores", str(a), str(b), "--rule", "rank", "--param", "budget=0.3",
+                 "--json", str(sparse_json)]) == 0
+    full, sparse = json.loads(full_json.read_text()), json.loads(sparse_json.read_text())
+    fused = lambda res: {r["dataset"]: r for r in res["rows"] if r["score"] == "fused"}  # noqa: E731
+    for ds in ("near/cifar100", "far/mnist"):
+        assert fused(sparse)[ds]["AUROC"] == fused(full)[ds]["AUROC"]
+        assert fused(sparse)[ds]["routed"] == pytest.approx(float(fusion.route(data[ds][0]).mean()))
+        assert fused(sparse)[ds]["routed"] < 0.5  # OOD that EBO already rejects never reaches diffusion
+    assert sparse["routed_id_test"] == pytest.approx(0.3, abs=4 * np.sqrt(0.21 / N))
+    assert sparse["expected_routed_id"] == pytest.approx(0.3) and sparse["params"]["budget"] == 0.3
+    capsys.readouterr()
+    assert main(["fuse", "--scores", str(a), str(b), "--budget", "0.3", "--param", "budget=0.2"]) == 2
+    assert main(["fuse", "--scores", str(a), str(b), "--budget", "1.5"]) == 2
+    assert "budget" in capsys.readouterr().err
