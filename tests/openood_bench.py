@@ -119,11 +119,16 @@ def check_evaluator_rows(ev, table, reference=None):
     np.testing.assert_allclose(table["ACC"].to_numpy(dtype=float), acc)
 
 
-def main_py_argv(bench: Path, pp_yml: Path, *extra: str) -> list[str]:
-    """Arguments of OpenOOD's main.py (through our launcher) on the tiny benchmark."""
+def openood_root() -> Path:
+    """The OpenOOD checkout (imported lazily: this module is collected where OpenOOD is absent too)."""
     import openood
 
-    cfg = Path(openood.__file__).resolve().parent.parent / "configs"  # configs/ beside the editable checkout
+    return Path(openood.__file__).resolve().parent.parent
+
+
+def main_py_argv(bench: Path, pp_yml: Path, *extra: str) -> list[str]:
+    """Arguments of OpenOOD's main.py (through our launcher) on the tiny benchmark."""
+    cfg = openood_root() / "configs"  # configs/ beside the editable checkout
     return ["--config", *(str(cfg / p) for p in MAIN_PY_CONFIGS), str(pp_yml),
             "--network.checkpoint", str(bench / "best.ckpt"), "--merge_option", "merge", "--num_workers", "0",
             "--dataset.test.batch_size", "16", "--ood_dataset.batch_size", "16", *extra]

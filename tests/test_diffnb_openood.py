@@ -6,8 +6,6 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]
-openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
-pytest.importorskip("openood.evaluation_api", reason="OpenOOD's Evaluator dependencies missing")
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.openood
-openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
 
 from openood_bench import build_bench, cpu_shim, load_net  # noqa: E402,F401
 from ood_toys import ToyDetector  # noqa: E402

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.openood
-openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
 
-from openood_bench import OPENOOD_ROOT, build_bench, cpu_shim, load_net  # noqa: E402,F401
+from openood_bench import openood_root, build_bench, cpu_shim, load_net  # noqa: E402,F401
 
 
 def test_evaluator_scores_pickle_loads_without_trust(tmp_path, no_download):
@@ -19,7 +18,7 @@ def test_evaluator_scores_pickle_loads_without_trust(tmp_path, no_download):
     from openood_diffguard.fusion.scores_io import load_pickle, load_scores
 
     bench = build_bench(tmp_path)
-    shutil.copy(OPENOOD_ROOT / "configs" / "postprocessors" / "msp.yml", bench / "configs" / "postprocessors")
+    shutil.copy(openood_root() / "configs" / "postprocessors" / "msp.yml", bench / "configs" / "postprocessors")
     ev = Evaluator(load_net(bench), id_name="cifar10", data_root=str(bench / "data"),
                    config_root=str(bench / "configs"), postprocessor_name="msp", batch_size=16, num_workers=0)
     ev.eval_ood()
