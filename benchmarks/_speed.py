@@ -59,15 +59,18 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
+                    .stdout.splitlines() if line.startswith("Model name"))
+    except (StopIteration, OSError):
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                   .stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads (CPU)"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads (CPU)"
 
 
 class DenoiserCounter:

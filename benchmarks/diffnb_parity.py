@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import io
 import os
-import platform
 import runpy
 import shutil
 import sys
@@ -48,6 +47,7 @@ import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 
 from openood_diffguard.convert import diffnb as convert_diffnb  # noqa: E402
 from openood_diffguard.detectors.diffnb import CODE_TIMESTEPS, DiffNB  # noqa: E402
+from _speed import cpu_name  # noqa: E402
 from openood_diffguard.diffusion import load_unet  # noqa: E402
 from openood_diffguard.space import ImageSpace  # noqa: E402
 
@@ -103,16 +103,6 @@ class _TorchWithNoise(types.ModuleType):
             self._current = self._noise_fn(x)
         self.calls += 1
         return self._current[k].to(x.dtype).clone()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -31,6 +31,7 @@ import torch
 
 import openood_diffguard  # noqa: F401  (torchvision repair before anything imports it)
 from openood_diffguard.cache import ScoreCache, cached_statistics, module_fingerprint, namespace
+from _speed import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHED = {"beta_schedule": "linear", "num_train_timesteps": 1000}
@@ -114,9 +115,13 @@ def small_resnet(seed: int):
 
 
 def lfdn_checkpoint(net: torch.nn.Module, x: torch.Tensor, path: Path, seed: int) -> Path:
+    from openood_diffguard.detectors.lfdn import LFDN, VARIANTS as LFDN_VARIANTS
     from openood_diffguard.training.lfdn import fit_lfdn, save_checkpoint
 
-    return save_checkpoint(fit_lfdn(net, loader(x, 16), [1, 2, 3], {**LFDN_TRAIN, "seed": seed}, progress=False), path)
+    # for the default variant (code): its per-layer feature normalisation
+    ckpt = fit_lfdn(net, loader(x, 16), [1, 2, 3], {**LFDN_TRAIN, "seed": seed}, progress=False,
+                    feature_norm=LFDN_VARIANTS[LFDN.DEFAULTS["variant"]]["feature_norm"])
+    return save_checkpoint(ckpt, path)
 
 
 def first_line(err: BaseException) -> str:
@@ -465,7 +470,7 @@ def probe_inputs(tmp: Path) -> list[Row]:
     row = Row("5", "DiffGuard CFG with a classifier of one class more than the model's real classes",
               "guides toward the null-class row silently")
     guard = DiffGuard(model=UNetAdapter(tiny_unet(0), sched), **{**dg, "guidance": "cfg", "reference": "input",
-                                                                   "cam_cut": None, "inversion_convention": "target",
+                                                                   "cam_cut": False, "inversion_convention": "target",
                                                                    "aes": False, "max_inversion_steps": None,
                                                                    "forback_skip": 2, "clip_denoised": False,
                                                                    "cfg_scale": 3.0})
@@ -618,16 +623,6 @@ def run_probes(tmp: Path, kills: int) -> list[Row]:
         rows.extend(got)
         print(f"[{time.time() - t0:6.1f} s] {name}: {', '.join(r.status for r in got)}", flush=True)
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(rows: list[Row], argv: list[str], elapsed: float) -> str:
