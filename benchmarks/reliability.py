@@ -5,8 +5,7 @@ public API, with what happens now and a check that the fix kept the normal behav
 
 CPU only, a few minutes. Probes that need OpenOOD (its own ``compute_all_metrics``, the postprocessor) run
 when OpenOOD is importable (run it with OpenOOD's environment for the full table) and say so otherwise.
-Item 1 / 2 / 5 probes of LFDN, DiffNB and DiffGuard parameters are fixed on their own branches: this script
-only reports what the code it runs does.
+The script only reports what the code it runs does: a probe the code fails is marked ``open``.
 """
 from __future__ import annotations
 
@@ -634,8 +633,7 @@ def markdown(rows: list[Row], argv: list[str], elapsed: float) -> str:
         "Each probe re-runs a reported failure on tiny random models through the public API. *Before* is the",
         "behaviour reported in the issue (measured on the code before the fixes); *now* is measured by this run;",
         "*nothing lost* checks that the normal path still works (cache reuse, genuine files, unchanged results).",
-        "Status `open`: not fixed in the code this run used (LFDN, DiffNB and DiffGuard parameter / input items",
-        "are fixed on their own branches; re-run this script after they are merged).",
+        "Status `open` would mark a probe the code this run used still fails.",
         "",
         f"Command: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/reliability.py {' '.join(argv)}`  ",
         f"Date: {datetime.date.today().isoformat()}; commit {commit}; {cpu_name()} "
