@@ -33,7 +33,7 @@ padding-bottom:4px}h3{font-size:1.02em;margin:1.2em 0 0.4em}
 .sub{color:#555;font-size:0.9em}nav a{margin-right:14px;font-size:0.9em}
 table{border-collapse:collapse;font-size:0.86em;background:#fff;margin:8px 0}
 th,td{border:1px solid #d6d6d6;padding:4px 8px;text-align:right}th{background:#f0f0f3}
-td:first-child,th:first-child,td.name{text-align:left}tr.group td{background:#f7f7fa;font-style:italic}
+td:first-child,th:first-child,td.name{text-align:left}td.name{white-space:nowrap}tr.group td{background:#f7f7fa;font-style:italic}
 td.best{font-weight:700}.note{font-size:0.85em;color:#444}.ok{color:#1a7f37}.warn{color:#9a6700}
 figure{margin:10px 0}figure img{max-width:100%;border:1px solid #e3e3e3;background:#fff}
 figcaption{font-size:0.82em;color:#555}
@@ -235,7 +235,7 @@ def render(run: Run, generated: str | None = None) -> str:
 
     generated = generated or _dt.date.today().isoformat()
     sections: list[tuple[str, str, str]] = []
-    acc = (f"<p>Classifier accuracy on the ID test set: <b>{100 * run.classifier_accuracy:.2f} %</b>.</p>"
+    acc = (f"<p>Classifier accuracy on {_e(run.accuracy_scope)}: <b>{100 * run.classifier_accuracy:.2f} %</b>.</p>"
            if run.classifier_accuracy is not None else "")
     explain = ("<p class=note>All values in %. <b>FPR@95 (OOD+, OpenOOD v1.5)</b>: share of ID samples flagged OOD "
                "when 95 % of the OOD samples are caught (OOD = positive, OpenOOD v1.5's column). <b>FPR@95 (ID+, "

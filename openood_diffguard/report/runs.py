@@ -111,6 +111,7 @@ class Run:
     folder: Path
     methods: dict[str, Method]
     classifier_accuracy: float | None = None
+    accuracy_scope: str = "the ID test set"  # which images classifier_accuracy was measured on
     class_names: list[str] | None = None
     config: Any = None  # shown as YAML
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
@@ -154,6 +155,9 @@ def read_demo(folder: Path) -> Run:
               timings={k: float(v) for k, v in (summary.get("timings_s") or {}).items()})
     if "seconds" in summary:
         run.timings["total"] = float(summary["seconds"])
+    if cfg.get("n_test") is not None:  # accuracy is measured on every ID test image, the detectors score a subset
+        run.accuracy_scope = (f"all ID test images (the ACC column: the {summary.get('n_id')} ID test images the "
+                              "detectors scored)")
     run.split_names = {"id_test": "digits 0-5", "ood_test": "digits 6-9"}
     csv_path = folder / "metrics.csv"
     if csv_path.is_file():
