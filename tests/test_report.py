@@ -58,6 +58,8 @@ def test_threshold_is_the_papers_fpr95_operating_point():
     met = ood_metrics(np.r_[id_conf, ood_conf], np.r_[np.zeros(401), -np.ones(333)])
     assert np.mean(id_conf >= thr) >= 0.95
     assert np.mean(ood_conf >= thr) == pytest.approx(met.fpr95_id_positive)
+    # known answer without ties: of 0..99, the values 5..99 are 95 % of them
+    assert Method("m", {"id": Split(np.arange(100.0)[::-1], np.zeros(100))}, {}).threshold() == 5.0
 
 
 def test_to_uint8_ranges_and_shrinking():

@@ -24,9 +24,6 @@ OVERRIDES = {"num_steps": 4, "dtype": "fp32", "gallery": 3}  # DDIM-4 in fp32 on
 @pytest.fixture(scope="module")
 def main_py_run(tmp_path_factory):
     """(benchmark root, main.py output dir, postprocessor section) of one DiffGuard main.py run."""
-    from openood.utils import logger
-
-    from openood_diffguard.main import main
     from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section
     from openood_diffguard.training.data import TensorImages
     from openood_diffguard.training.diffusion import TINY_UNET, train_diffusion
@@ -40,20 +37,30 @@ def main_py_run(tmp_path_factory):
                     root / "unet", progress=False, device="cpu")
     pp = read_postprocessor_section(PACKAGE_CONFIGS / "diffguard_cifar10.yml")
     pp["postprocessor_args"].update(OVERRIDES, model_path=str(root / "unet"), cache_dir=str(root / "cache"))
-    yml = root / "configs" / "postprocessors" / "diffguard_report.yml"
+    out = _main_py(root, pp, "report")
+    return root, out, pp
+
+
+def _main_py(root, pp, mark, results="results"):
+    """One main.py run of postprocessor section ``pp`` on the tiny benchmark, its output below
+    ``root/results``; returns its output directory."""
+    from openood.utils import logger
+
+    from openood_diffguard.main import main
+
+    yml = root / "configs" / "postprocessors" / f"diffguard_{mark}.yml"
     yml.write_text(yaml.safe_dump({"postprocessor": pp}, sort_keys=False))
     stdout = sys.stdout
-    with pytest.MonkeyPatch.context() as mp:  # the CPU shim of openood_bench, for this module's one run
+    with pytest.MonkeyPatch.context() as mp:  # the CPU shim of openood_bench, for one run
         mp.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
         mp.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
         mp.setattr(logger.Logger, "__del__", lambda self: None)
         mp.chdir(root)
         try:
-            assert main(main_py_argv(root, yml, "--mark", "report")) == 0
+            assert main(main_py_argv(root, yml, "--mark", mark, "--output_dir", f"./{results}/")) == 0
         finally:
             sys.stdout = stdout
-    out = next((root / "results").rglob("ood.csv")).parent
-    return root, out, pp
+    return next((root / results).rglob("ood.csv")).parent
 
 
 def test_galleries_sit_next_to_main_py_scores_and_match_them(main_py_run):
@@ -112,3 +119,16 @@ def test_report_of_main_py_folder_runs_no_model(main_py_run, monkeypatch):
     if find_chromium() is not None:
         seen = check_page(path)
         assert seen.problems() == [] and seen.cards >= 6 and seen.metrics_rows == 8
+
+
+def test_scores_are_the_same_without_galleries(main_py_run):
+    """Storing the galleries (which runs DiffGuard again on the chosen samples between the splits) changes
+    no score: a run with gallery: 0 and no score cache writes identical scores/*.npz."""
+    root, out, pp = main_py_run
+    off = {**pp, "postprocessor_args": {**pp["postprocessor_args"], "gallery": 0, "cache": False}}
+    out_off = _main_py(root, off, "nogallery", "results_nogallery")
+    assert out_off != out and not (out_off / "gallery").exists()
+    for name in SCORE_NAMES.values():
+        a, b = np.load(out / "scores" / f"{name}.npz"), np.load(out_off / "scores" / f"{name}.npz")
+        for k in ("pred", "conf", "label"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
