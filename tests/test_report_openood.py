@@ -9,8 +9,7 @@ import pytest
 import torch
 import yaml
 
-pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]
-openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
+pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]  # skipped (conftest) without OpenOOD
 
 from openood_bench import (CIFAR10_MEAN, CIFAR10_STD, OOD_SETS, build_bench, imglist_images, load_net,  # noqa: E402
                            main_py_argv)
