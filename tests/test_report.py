@@ -123,6 +123,30 @@ def test_collect_pictures_roles_image_cache_and_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.images["inversion"], g.images["inversion"])
 
 
+class CapturingToy(ToyDetector):
+    """Toy with DiffNB's gallery hook: ``statistics(..., keep_images=True)`` -> (stats, pictures)."""
+
+    captures_images = True
+    gallery_kinds = {"neighbour": "the toy's neighbour"}
+
+    def statistics(self, net, images, labels=None, keep_images=False):
+        stats = super().statistics(net, images, labels)
+        return (stats, {"neighbour": images.flip(-1)}) if keep_images else stats
+
+
+def test_collect_uses_a_detectors_own_pictures(tmp_path):
+    net, det = tiny_net(), CapturingToy(normalization="none")
+    loader = batches(n=20, bs=6)
+    out, conf = _scored(det, net, loader)
+    path = G.save_gallery(det, net, loader, stats=out.stats, conf=conf, labels=out.labels, folder=tmp_path,
+                          method="toy", split="ood_test", role="ood", k=2)
+    g = G.Gallery.load(path)
+    assert set(g.images) == {"input", "neighbour"} and g.meta["image_kinds"]["neighbour"] == "the toy's neighbour"
+    x = torch.cat([b["data"] for b in loader])[torch.as_tensor(g.positions)]
+    np.testing.assert_array_equal(g.images["neighbour"], G.to_uint8(x.flip(-1)))
+    assert g.stats.keys() == {"maxlogit"}  # scalar statistics only (no logits vectors, no pred)
+
+
 def test_fetch_inputs_indexing_and_loader_pass_agree():
     from torch.utils.data import DataLoader
 

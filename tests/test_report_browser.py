@@ -28,6 +28,11 @@ def test_demo_report_in_headless_chromium(quick_demo, tmp_path):
     assert seen.cards >= 3 * 12
     assert seen.images >= 2 + seen.cards  # figures + at least the input picture of every card
     assert "demo" in seen.title
+    from openood_diffguard.report.gallery import load_galleries
+
+    kinds = {m: {frozenset(g.images) for g in gs.values()} for m, gs in load_galleries(out / "gallery").items()}
+    assert kinds == {"DiffGuard": {frozenset({"input", "inversion", "synthesis"})},
+                     "DiffNB": {frozenset({"input", "noised", "neighbour"})}, "LFDN": {frozenset({"input"})}}
     img = Image.open(shot)
     assert img.size == (1200, seen.height) and seen.height > 3000
     pixels = np.asarray(img.convert("L"), dtype=float)

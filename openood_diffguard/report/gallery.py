@@ -34,7 +34,7 @@ DEFAULT_K = 6
 #: longest side of a stored picture (ImageNet inputs are shrunk; CIFAR / digits stay as they are)
 DEFAULT_IMAGE_SIZE = 128
 #: bump when the stored pictures change meaning (part of the image cache key)
-GALLERY_VERSION = 1
+GALLERY_VERSION = 2  # 2: DiffNB pictures (noised input, neighbour)
 ROLES = ("high", "low", "sample")
 
 #: what each picture is, for the report's legends (detectors may add their own in ``gallery_kinds``)
