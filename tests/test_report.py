@@ -296,26 +296,37 @@ def test_openood_folder_mismatched_csv_and_missing_scores(tmp_path):
         load_run(tmp_path / "many")
 
 
-def test_score_files_and_fuse_json(tmp_path):
+def test_score_files_and_fuse_json(tmp_path, capsys):
+    """A folder with fuse's inputs and the JSON that ``openood-diffguard fuse --json`` wrote from them."""
     from openood_diffguard.fusion.scores_io import save_scores_npz
 
     rng = np.random.default_rng(5)
     folder = tmp_path / "fuse"
     folder.mkdir()
-    for name in ("ebo", "diffguard"):
+    sizes = {"id_val": 40, "id_test": 50, "near/cifar100": 40, "far/svhn": 30}
+    labels = {s: rng.integers(0, 10, n) if s.startswith("id") else -np.ones(n, int) for s, n in sizes.items()}
+    for name, shift in (("ebo", 1.0), ("diffguard", 1.5)):
         save_scores_npz(folder / f"{name}.npz", {
-            "id_test": {"conf": rng.normal(1, 1, 50), "label": rng.integers(0, 10, 50)},
-            "near/cifar100": {"conf": rng.normal(0, 1, 40), "label": -np.ones(40)},
-            "far/svhn": {"conf": rng.normal(-1, 1, 30), "label": -np.ones(30)}})
-    rows = [{"dataset": "near/cifar100", "score": "fused", "AUROC": 0.8, "AUPR_IN": 0.7, "AUPR_OUT": 0.75,
-             "FPR@95_OpenOOD": 0.4, "FPR@95_IDpos": 0.5, "routed": 0.3}]
-    (folder / "fused.json").write_text(json.dumps({"rows": rows, "rule": "cascade", "params": {"alpha_out": 0.02},
-                                                   "fit_on": "id_val", "uses_ood_val": False, "routed_id_test": 0.25}))
+            s: {"conf": rng.normal(shift if s.startswith("id") else 0, 1, n), "label": labels[s],
+                "key": np.array([f"{s}/{i}" for i in range(n)])} for s, n in sizes.items()})
+    assert main(["fuse", "--scores", str(folder / "ebo.npz"), str(folder / "diffguard.npz"), "--rule", "cascade",
+                 "--json", str(folder / "fused.json")]) == 0
+    capsys.readouterr()
+    fused = json.loads((folder / "fused.json").read_text())
     run = load_run(folder)
     assert run.kind == "scores" and set(run.methods) == {"ebo", "diffguard"}
     assert run.methods["ebo"].groups == {"nearood": ["near/cifar100"], "farood": ["far/svhn"]}
+    (table,) = run.tables
+    row = next(r for r in fused["rows"] if r["score"] == "fused" and r["dataset"] == "far/svhn")
+    assert ["far/svhn", "fused", row["FPR@95_OpenOOD"], row["FPR@95_IDpos"], row["AUROC"]] == next(
+        r for r in table.rows if r[:2] == ["far/svhn", "fused"])[:5]
     page = render(run)
-    assert "cascade" in page and "80.00" in page and "25.0 % of ID test routed" in page
+    assert "cascade" in page and f"{100 * row['AUROC']:.2f}" in page
+    assert f"{100 * fused['routed_id_test']:.1f} % of ID test routed" in page
+    # the component rows of the fuse table equal the report's own metrics of the score files
+    ours = run.methods["diffguard"].metrics()["far/svhn"]
+    comp = next(r for r in fused["rows"] if r["score"] == "diffguard" and r["dataset"] == "far/svhn")
+    assert comp["AUROC"] == pytest.approx(ours.auroc) and comp["FPR@95_IDpos"] == pytest.approx(ours.fpr95_id_positive)
 
 
 # ---------------------------------------------------------------------------------------- the page

@@ -292,10 +292,11 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, generated: str | None = None) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None, generated: str | None = None,
+                 trust_pickle: bool = False) -> Path:
     """Read a run folder (``runs.load_run``) and write its self-contained HTML report (default:
     ``<run_dir>/report.html``). Returns the path written."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, trust_pickle)
     path = Path(out) if out is not None else (run.folder if Path(run_dir).is_dir() else Path(run_dir).parent) / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")

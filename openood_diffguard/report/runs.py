@@ -334,13 +334,13 @@ def _fuse_table(path: Path) -> Table | None:
     rows = [[r["dataset"], r["score"], *(r.get(c) for c in cols), r.get("routed")] for r in data["rows"]]
     note = (f"rule {data['rule']}, parameters {data.get('params')}, calibrated on {data.get('fit_on')}"
             f"{', uses OOD-val' if data.get('uses_ood_val') else ''}")
-    if data.get("routed_id_test") is not None and data["rule"] == "cascade":
+    if data.get("routed_id_test") is not None and data.get("banded", data["rule"] == "cascade"):
         note += f"; {100 * data['routed_id_test']:.1f} % of ID test routed to the diffusion detector"
     return Table(f"fuse: {path.name}", ["dataset", "score", "FPR@95 (OOD+, OpenOOD v1.5)", "FPR@95 (ID+, papers)",
                                         "AUROC", "AUPR-In", "AUPR-Out", "routed"], rows, note)
 
 
-def read_scores(paths: list[Path], folder: Path) -> Run:
+def read_scores(paths: list[Path], folder: Path, trust_pickle: bool = False) -> Run:
     from ..fusion.scores_io import load_scores
 
     run = Run("scores", f"score files in {folder.name}", folder, {})
@@ -351,7 +351,7 @@ def read_scores(paths: list[Path], folder: Path) -> Run:
             if table is not None:
                 run.tables.append(table)
             continue
-        splits = load_scores(path)
+        splits = load_scores(path, trust_pickle=trust_pickle)
         if "id_test" not in splits:
             run.notes.append(f"{path.name}: no id_test split, left out")
             continue
@@ -375,20 +375,21 @@ def read_scores(paths: list[Path], folder: Path) -> Run:
 SCORE_SUFFIXES = (".npz", ".pkl", ".pickle", ".json")
 
 
-def load_run(path: str | Path) -> Run:
-    """Read any of the three kinds of run folders (module docstring); a clear error otherwise."""
+def load_run(path: str | Path, trust_pickle: bool = False) -> Run:
+    """Read any of the three kinds of run folders (module docstring); a clear error otherwise.
+    ``trust_pickle``: unpickle OpenOOD ``.pkl`` score files without restriction (as ``fuse --trust-pickle``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"run folder not found: {path}")
     if path.is_file():
-        return read_scores([path], path.parent)
+        return read_scores([path], path.parent, trust_pickle)
     if (path / "summary.json").is_file() and (path / "scores.npz").is_file():
         return read_demo(path)
     if (path / "ood.csv").is_file() or ((path / "scores").is_dir() and (path / "config.yml").is_file()):
         return read_openood(path)
     files = sorted(p for p in path.iterdir() if p.suffix in SCORE_SUFFIXES and p.is_file())
     if files:
-        return read_scores(files, path)
+        return read_scores(files, path, trust_pickle)
     found = find_openood_dirs(path)
     if len(found) == 1:
         return read_openood(found[0])
