@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-lfdn": ("openood_diffguard.training.lfdn", "train the LFDN feature denoiser on a classifier's ID features"),
     "ncis": ("openood_diffguard.ncis.cli", "NCIS outlier synthesis + training, one resumable stage per command"),
     "eval": ("openood_diffguard.main", "run OpenOOD's main.py pipeline with our postprocessors registered"),
+    "report": ("openood_diffguard.report.cli", "one self-contained HTML page per run: metrics, curves, galleries"),
 }
 
 

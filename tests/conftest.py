@@ -84,3 +84,15 @@ def no_download(monkeypatch):
     import urllib.request
 
     monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, *a, **k: pytest.fail(f"download attempted: {url}"))
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``openood-diffguard demo --quick`` run once per session: (output folder, cache folder). Shared by the
+    demo's tests and the report's browser test (the run takes about a minute and a half on 2 cores)."""
+    from openood_diffguard.cli import main
+
+    out = tmp_path_factory.mktemp("demo_out")
+    cache = tmp_path_factory.mktemp("demo_cache")
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
+    return out, cache

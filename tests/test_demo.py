@@ -10,11 +10,8 @@ from openood_diffguard.data import DigitsOpenSet
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_out")
-    cache = tmp_path_factory.mktemp("demo_cache")
-    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
-    return out, cache
+def demo_out(quick_demo):
+    return quick_demo  # one run per session (conftest), shared with the report's browser test
 
 
 def test_demo_writes_table_scores_and_plots(demo_out):

@@ -435,3 +435,22 @@ def test_map_chunks_edges():
 
     with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError):
         map_chunks(never_fits, 4, 4)  # gives up at one sample per pass
+
+
+def test_keep_images_returns_the_pictures_behind_the_score_and_the_same_statistics(linear_schedule):
+    """The report's gallery hook: ``keep_images`` changes no statistic, and the returned neighbour is the image
+    whose logits give the distance (one timestep, one draw, clean reference: dist = |logits(nb) - logits(x)|_1)."""
+    model, net, x_id, x_ood = _setup(linear_schedule)
+    x = torch.cat([x_id[:2], x_ood[:2]])
+    for kw in ({"variant": "code", "repeats": 2}, {"variant": "paper", "timesteps": [120], "repeats": 1,
+                                                   "reference": "clean", "l2_normalize": False}):
+        det = _detector(model, **kw)
+        plain = det.statistics(net, x)
+        stats, pics = det.statistics(net, x, keep_images=True)
+        assert stats.keys() == plain.keys()
+        for k in plain:
+            torch.testing.assert_close(stats[k], plain[k], rtol=0, atol=0)
+        assert set(pics) == {"noised", "neighbour"} and all(p.shape == x.shape for p in pics.values())
+    want = (net(pics["neighbour"].clamp(-1, 1)) - net(x)).abs().sum(1)
+    torch.testing.assert_close(stats["dist_t120"], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pics["noised"], x, atol=1e-2)  # noised at t = 120, not the input

@@ -5,7 +5,7 @@ scikit-learn's handwritten ``digits`` become an open-set benchmark in OpenOOD's 
 diffusion UNet (cached under ``--cache-dir``), then scores the ID and OOD test splits with DiffGuard,
 DiffNB, LFDN, OpenOOD's standard baselines (EBO, MLS, KNN, ViM; pytorch-ood's implementations) and
 fusions, through the same detector + score-cache path the OpenOOD postprocessors use, and writes an
-OpenOOD-style table, ``metrics.csv``, ``scores.npz`` and plots to ``--out``.
+OpenOOD-style table, ``metrics.csv``, ``scores.npz``, plots and ``report.html`` to ``--out``.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from ..fusion import ScoreFusion
 from ..fusion.baselines import Baselines
 from ..metrics import format_table, ood_metrics
 from ..networks import SmallResNet
+from ..report import write_report
+from ..report.gallery import save_gallery
 from ..training.classifier import accuracy, train_classifier
 from ..training.diffusion import train_diffusion
 from . import plots
@@ -124,15 +126,18 @@ def build_detectors(unet_dir: Path, cfg: DemoConfig, num_classes: int, cache: Pa
     }
 
 
-def _score(detector, net, loader, root: Path, progress: bool):
+def _score(detector, net, loader, root: Path, progress: bool, gallery: dict | None = None):
     """Cached per-sample statistics -> ((pred, conf, label), rows computed now), as
-    ``DetectorPostprocessor.inference`` does."""
+    ``DetectorPostprocessor.inference`` does; ``gallery``: also keep the report's gallery of this split
+    (``report.gallery.save_gallery`` arguments)."""
     store = ScoreCache(root, namespace(detector.cache_key(), module_fingerprint(net)))
     with torch.set_grad_enabled(True):  # guidance / Grad-CAM need gradients
         out = cached_statistics(detector, net, loader, store, progress)
     stats = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.stats.items()}
-    triple = (out.stats["pred"].astype(int), detector.confidence(stats).numpy(), out.labels.astype(int))
-    return triple, store.computed_rows
+    conf = detector.confidence(stats).numpy()
+    if gallery is not None:
+        save_gallery(detector, net, loader, stats=out.stats, conf=conf, labels=out.labels, cache_root=root, **gallery)
+    return (out.stats["pred"].astype(int), conf, out.labels.astype(int)), store.computed_rows
 
 
 def _grid(detector: DiffGuard, net, data: DigitsOpenSet, path: Path, device: torch.device, n: int = 6) -> Path:
@@ -184,7 +189,9 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
     computed_rows: dict[str, int] = {}  # detector statistics rows computed by this run (0 = all from the cache)
     for name, det in detectors.items():
         det.setup(net, id_loaders, ood_loaders)
-        (id_part, n_id), (ood_part, n_ood) = (_score(det, net, loaders[k], score_root, progress) for k in ("id", "ood"))
+        (id_part, n_id), (ood_part, n_ood) = (
+            _score(det, net, loaders[k], score_root, progress,
+                   {"folder": out / "gallery", "method": name, "split": f"{k}_test", "role": k}) for k in ("id", "ood"))
         scores[name] = tuple(np.r_[a, b] for a, b in zip(id_part, ood_part))
         (_, val[name], _), n_val = _score(det, net, id_loaders["val"], score_root, progress)
         computed_rows[name] = n_id + n_ood + n_val
@@ -216,6 +223,7 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
                "computed": {"classifier_epochs": classifier_epochs, "diffusion_steps": diffusion_steps,
                             "score_rows": computed_rows}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out)  # report.html next to the csv: reads what was just written, runs no model
     return {"table": table, **summary}
 
 
@@ -240,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     print(res["table"])
     print(f"\nFPR@95: 'OOD+' is OpenOOD v1.5's convention (ID flagged OOD at 95 % OOD recall); 'ID+' is the "
           f"papers' (OOD accepted at 95 % ID recall). Higher conf = ID.\nwrote {args.out}/: metrics.csv, "
-          f"scores.npz, summary.json, roc.png, histograms.png, diffguard_grid.png  ({res['seconds']:.0f} s: "
+          f"scores.npz, summary.json, roc.png, histograms.png, diffguard_grid.png, gallery/, report.html  "
+          f"({res['seconds']:.0f} s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in res["timings_s"].items()) + ")")
     return 0

@@ -206,8 +206,16 @@ class DiffNB(DiffusionBackbone, Detector):
         return keyed_normal(keys, (R, *shape), seed).transpose(0, 1)
 
     # ------------------------------------------------------------------ scoring
+    #: ``statistics(..., keep_images=True)`` also returns the pictures behind the score (report galleries)
+    captures_images = True
+    gallery_kinds = {"noised": "input noised to the first timestep, first noise draw",
+                     "neighbour": "its denoised neighbour under guidance toward the predicted label"}
+
     @torch.no_grad()
-    def statistics(self, net, images, labels=None) -> dict[str, torch.Tensor]:
+    def statistics(self, net, images, labels=None, keep_images: bool = False):
+        """Per-sample ``pred`` and ``dist_t<t>``; with ``keep_images`` also ``{"noised", "neighbour"}``
+        pixels in [-1, 1] of the first timestep's first noise draw: ``(stats, pictures)``. The statistics
+        are the same either way (the pictures are slices of tensors the score is computed from)."""
         check_images(images, type(self).__name__)
         ImageSpace(*resolve_normalization(self.params["normalization"])).validate(images)  # before any model work
         self._ensure_models()
@@ -246,6 +254,8 @@ class DiffNB(DiffusionBackbone, Detector):
         # noise is drawn for the whole batch first, so chunking never changes a sample's result
         x_rec = torch.cat(map_chunks(lambda i, j: ddim.sample(cfg, x_t[i:j], levels, start=start[i:j], stop=stop,
                                                               cond={"y": cond["y"][i:j]}), len(x_t), step))
+        # rows are (t, repeat, sample)-major: the first B rows are the first timestep's first draw
+        pics = {"noised": space.decode(x_t[:B]).float(), "neighbour": space.decode(x_rec[:B]).float()} if keep_images else None
         if s["reference"] == "noised":
             # the code's t = 0 entry: x noised to level 0 with repeat r's noise, classified without denoising
             x_ref = noise_to_level(sched, x0.unsqueeze(0).expand(R, *x0.shape).reshape(-1, *x0.shape[1:]), 0,
@@ -258,7 +268,7 @@ class DiffNB(DiffusionBackbone, Detector):
         stats = {"pred": pred}
         for t, d in zip(ts, dist):
             stats[f"dist_t{t}"] = d
-        return stats
+        return (stats, pics) if keep_images else stats
 
     def confidences(self, stats: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Every timestep's confidence -S_t, as the released code reports them (one AUROC per t)."""

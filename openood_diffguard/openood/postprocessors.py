@@ -14,7 +14,9 @@ yml (``configs/postprocessors/<name>.yml``)::
         aggregate_list: [mean, max]
 
 Wrapper keys in ``postprocessor_args``: ``detector`` (registered detector name; default: the class's,
-else ``postprocessor.name``), ``cache_dir``, ``cache`` (False: keep scores in memory only).
+else ``postprocessor.name``), ``cache_dir``, ``cache`` (False: keep scores in memory only), ``gallery``
+(samples per kind kept for ``openood-diffguard report``, written to ``<output_dir>/gallery/`` next to
+main.py's score files; 0 = none).
 """
 from __future__ import annotations
 
@@ -39,6 +41,16 @@ from ..cache import (ScoreCache, atomic_write, cached_statistics, default_cache_
                      module_fingerprint, namespace)
 from .sections import (aps_flag, detector_from_section, fusion_detector_section, section,  # noqa: E402
                        split_wrapper_args, sweep_parameters)
+from ..report.gallery import DEFAULT_K, openood_output_dir, openood_split, save_gallery  # noqa: E402
+
+
+def _gallery_size(value: Any) -> int:
+    from ..detectors.base import ParameterError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ParameterError(f"postprocessor_args.gallery must be a non-negative integer (samples per kind kept for "
+                         f"the report; 0 = none), got {value!r}")
+    return value
 
 
 class DetectorPostprocessor(BasePostprocessor):
@@ -57,6 +69,7 @@ class DetectorPostprocessor(BasePostprocessor):
         self.detector = detector
         self.cache_dir = wrapper.get("cache_dir")
         self.use_disk_cache = wrapper.get("cache", True)  # parsed strictly: "false" is false
+        self.gallery_k = _gallery_size(wrapper.get("gallery", DEFAULT_K))
         self.args_dict = dict(pp.get("postprocessor_sweep") or {})
         self._sweep = sweep_parameters(self.args_dict, self.detector.params, type(self).__name__)
         expensive = [p for p in self._sweep if p not in self.detector.cheap_params]
@@ -103,7 +116,21 @@ class DetectorPostprocessor(BasePostprocessor):
 
     def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True):
         out = self.scored(net, data_loader, progress)
-        return out.stats["pred"].astype(int), self.confidence(out.stats), out.labels.astype(int)
+        conf = self.confidence(out.stats)
+        self._save_gallery(net, data_loader, out, conf)
+        return out.stats["pred"].astype(int), conf, out.labels.astype(int)
+
+    def _save_gallery(self, net: torch.nn.Module, loader: Any, out: Any, conf: np.ndarray) -> None:
+        """main.py test sets: the report's gallery samples, next to OpenOOD's ``scores/<dataset>.npz``."""
+        folder = openood_output_dir(self.config) if self.gallery_k else None
+        split = openood_split(self.config, loader) if folder is not None else None
+        if split is None:
+            return  # validation / APS passes, the Evaluator (no output dir), torchrun ranks > 0
+        root = (Path(self.cache_dir) if self.cache_dir else default_cache_root()) if self.use_disk_cache else None
+        with torch.set_grad_enabled(self.needs_grad):
+            save_gallery(self.detector, net, loader, stats=out.stats, conf=conf, labels=out.labels,
+                         folder=folder / "gallery", method=str(section(self.config, "postprocessor").get("name")),
+                         split=split[0], role=split[1], cache_root=root, k=self.gallery_k)
 
     # ------------------------------------------------------------------ cache
     def store(self, net: torch.nn.Module) -> ScoreCache:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-WRAPPER_KEYS = ("detector", "cache_dir", "cache")
+WRAPPER_KEYS = ("detector", "cache_dir", "cache", "gallery")
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
