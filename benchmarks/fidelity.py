@@ -78,8 +78,8 @@ def _digits(work: Path, device: torch.device, n: int | None) -> Setup:
     cfg = PRESETS["full"]
     cache = work / "digits"
     data = DigitsOpenSet(size=cfg.size, seed=cfg.seed)
-    net = _classifier(data, cfg, cache, device, progress=True)
-    unet = _diffusion_model_dir(data, cfg, cache, device, progress=True)
+    net, _ = _classifier(data, cfg, cache, device, progress=True)  # (model, epochs trained now)
+    unet, _ = _diffusion_model_dir(data, cfg, cache, device, progress=True)  # (folder, steps trained now)
     loaders = {"train": data.loader("id", "train", 128), "val": data.loader("id", "val", 128),
                "test": data.loader("id", "test", 128, limit=n), "ood": data.loader("ood", "test", 128, limit=n),
                "val_ood": data.loader("ood", "val", 128)}
@@ -130,8 +130,9 @@ def _cifar(work: Path, device: torch.device, n: int | None) -> Setup:
 
     def sub(split):  # a fixed random subset of n per side (all when n is None)
         x, y = splits[split]
-        if n is not None and n < len(y):
-            keep = np.sort(rng.choice(len(y), n, replace=False))
+        order = rng.permutation(len(y))  # drawn whatever n is: the subset of n is a prefix of that of a larger n,
+        if n is not None and n < len(y):  # so a larger --n re-uses the per-sample score cache of a smaller one
+            keep = np.sort(order[:n])
             x, y = x[keep], y[keep]
         return x, (y if split != "ood" else -np.ones_like(y))
 
