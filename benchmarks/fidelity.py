@@ -114,6 +114,14 @@ def _cifar_loader(x, y, name: str, space, batch: int = 250, shuffle: bool = Fals
                                        generator=torch.Generator().manual_seed(0) if shuffle else None)
 
 
+def subset_indices(size: int, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a fixed random subset of n of size items (all when n is None or >= size). The permutation
+    is drawn whatever n is, so the subset of n is part of that of any larger n: a larger ``--n`` re-uses the
+    per-sample score cache of a smaller one."""
+    order = rng.permutation(size)
+    return np.sort(order[:n]) if n is not None and n < size else np.arange(size)
+
+
 def _cifar(work: Path, device: torch.device, n: int | None) -> Setup:
     import cifar_osr as C
 
@@ -130,10 +138,8 @@ def _cifar(work: Path, device: torch.device, n: int | None) -> Setup:
 
     def sub(split):  # a fixed random subset of n per side (all when n is None)
         x, y = splits[split]
-        order = rng.permutation(len(y))  # drawn whatever n is: the subset of n is a prefix of that of a larger n,
-        if n is not None and n < len(y):  # so a larger --n re-uses the per-sample score cache of a smaller one
-            keep = np.sort(order[:n])
-            x, y = x[keep], y[keep]
+        keep = subset_indices(len(y), n, rng)
+        x, y = x[keep], y[keep]
         return x, (y if split != "ood" else -np.ones_like(y))
 
     loaders = {s: _cifar_loader(*sub(s) if s in ("test", "ood") else splits[s], f"cifar_cpu/{s}", space)

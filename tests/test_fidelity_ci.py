@@ -33,3 +33,18 @@ def test_paired_auroc_delta_known_answers():
     assert lo3 <= 0 <= hi3 and d3 == pytest.approx(0.0)
     with pytest.raises(ValueError, match="same images"):
         paired_auroc_delta(weak, _scores(weak["conf"], 100))
+
+
+def test_subsets_of_a_larger_n_contain_those_of_a_smaller_n():
+    from fidelity import subset_indices
+
+    def draw(n):  # as the CIFAR setup draws them: ID test first, then OOD test, from one generator
+        rng = np.random.default_rng(0)
+        return subset_indices(1800, n, rng), subset_indices(1200, n, rng)
+
+    small, large = draw(150), draw(300)
+    for s, l, size in zip(small, large, (1800, 1200)):
+        assert len(s) == 150 and len(l) == 300 and len(np.unique(l)) == 300 and np.all(np.diff(s) > 0)
+        assert set(s) <= set(l)  # the larger --n re-scores only the new images
+        assert np.array_equal(subset_indices(size, None, np.random.default_rng(0)), np.arange(size))
+    assert not np.array_equal(small[0][:150], small[1][:150])  # ID and OOD subsets are drawn independently
