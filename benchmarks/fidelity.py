@@ -78,8 +78,8 @@ def _digits(work: Path, device: torch.device, n: int | None) -> Setup:
     cfg = PRESETS["full"]
     cache = work / "digits"
     data = DigitsOpenSet(size=cfg.size, seed=cfg.seed)
-    net = _classifier(data, cfg, cache, device, progress=True)
-    unet = _diffusion_model_dir(data, cfg, cache, device, progress=True)
+    net, _ = _classifier(data, cfg, cache, device, progress=True)  # (model, epochs trained now)
+    unet, _ = _diffusion_model_dir(data, cfg, cache, device, progress=True)  # (folder, steps trained now)
     loaders = {"train": data.loader("id", "train", 128), "val": data.loader("id", "val", 128),
                "test": data.loader("id", "test", 128, limit=n), "ood": data.loader("ood", "test", 128, limit=n),
                "val_ood": data.loader("ood", "val", 128)}
@@ -92,26 +92,47 @@ def _digits(work: Path, device: torch.device, n: int | None) -> Setup:
 
 
 class _Split(torch.utils.data.Dataset):
-    """uint8 CIFAR images of one split; ``name`` makes the score cache keys of different splits distinct."""
+    """uint8 CIFAR images of one split; ``name`` makes the score cache keys of different splits distinct, ``index``
+    (the images' positions in the whole split; default 0..n-1) keys each image within it."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, name: str) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, name: str, index: np.ndarray | None = None) -> None:
         self.x, self.y, self.name = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y), name
+        self.index = np.arange(len(y)) if index is None else np.asarray(index)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "label": self.y[i], "index": i}
+        return {"x": self.x[i], "label": self.y[i], "index": int(self.index[i])}
 
 
-def _cifar_loader(x, y, name: str, space, batch: int = 250, shuffle: bool = False):
+def _cifar_loader(x, y, name: str, space, batch: int = 250, shuffle: bool = False, index: np.ndarray | None = None):
     def collate(items):
         u = torch.stack([it["x"] for it in items]).float() / 255.0
         return {"data": space.from_unit(u), "label": torch.stack([it["label"] for it in items]),
                 "index": torch.tensor([it["index"] for it in items])}
 
-    return torch.utils.data.DataLoader(_Split(x, y, name), batch_size=batch, shuffle=shuffle, collate_fn=collate,
+    return torch.utils.data.DataLoader(_Split(x, y, name, index), batch_size=batch, shuffle=shuffle, collate_fn=collate,
                                        generator=torch.Generator().manual_seed(0) if shuffle else None)
+
+
+def subset_indices(size: int, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a fixed random subset of n of size items (all when n is None or >= size). The permutation
+    is drawn whatever n is, so the subset of n is part of that of any larger n: a larger ``--n`` re-uses the
+    per-sample score cache of a smaller one."""
+    order = rng.permutation(size)
+    return np.sort(order[:n]) if n is not None and n < size else np.arange(size)
+
+
+def _test_loader(x: np.ndarray, y: np.ndarray, split: str, n: int | None, rng: np.random.Generator, space):
+    """Loader of a fixed random subset of n images of a test split (all when n is None); OOD labels -1."""
+    keep = subset_indices(len(y), n, rng)
+    y = y if split != "ood" else -np.ones_like(y)
+    # score cache keys: the image's index in the whole split, so every n keys an image the same way. Subsets get
+    # their own source name: they used to be keyed by position in the subset, and such entries (left in older work
+    # folders) would be read for the wrong images.
+    name = f"cifar_cpu/{split}" if len(keep) == len(y) else f"cifar_cpu/{split}/subset"
+    return _cifar_loader(x[keep], y[keep], name, space, index=keep)
 
 
 def _cifar(work: Path, device: torch.device, n: int | None) -> Setup:
@@ -128,15 +149,8 @@ def _cifar(work: Path, device: torch.device, n: int | None) -> Setup:
     unet, log = C.train_diffusion_for(splits, work, o, device, fresh=False)
     rng = np.random.default_rng(0)
 
-    def sub(split):  # a fixed random subset of n per side (all when n is None)
-        x, y = splits[split]
-        if n is not None and n < len(y):
-            keep = np.sort(rng.choice(len(y), n, replace=False))
-            x, y = x[keep], y[keep]
-        return x, (y if split != "ood" else -np.ones_like(y))
-
-    loaders = {s: _cifar_loader(*sub(s) if s in ("test", "ood") else splits[s], f"cifar_cpu/{s}", space)
-               for s in ("train", "val", "test", "ood")}
+    loaders = {s: _cifar_loader(*splits[s], f"cifar_cpu/{s}", space) for s in ("train", "val")}
+    loaders.update({s: _test_loader(*splits[s], s, n, rng, space) for s in ("test", "ood")})  # in this order
     known = len(C.KNOWN)
     dg = C.preset_args("diffguard_cifar10")
     dg.update(model_path=str(unet), num_classes=known, pretrained_metrics=False)
