@@ -384,7 +384,7 @@ LFDN_WHY = ("ours is ahead by one LFDN evaluation in three: the default variant 
             "the same per-sample z-score on both sides (`CustomGroupNorm` / the variant's `layer_code`), and the "
             "classifier forward that extracts the features is the same code on both sides, which is why the "
             "end-to-end ratio stays below 3 : 2. (An earlier measurement, before the `variant` option, ran the DDIM "
-            "loop down to the clean level with a fitted standardiser: 4 LFDN rows per vector and 0.80x.)")
+            "loop down to the clean level with a fitted standardiser: 4 LFDN rows per vector and 0.80x)")
 
 
 def lfdn_keys(sd: dict) -> dict:
