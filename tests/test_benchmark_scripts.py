@@ -108,3 +108,40 @@ def test_cifar_osr_tiny_runs_end_to_end(tmp_path):
     text = out.read_text()
     assert "CPU smoke run, not a result" in text and "| DiffGuard |" in text and "| DiffGuard + EBO (cascade) |" in text
     assert (tmp_path / "osr_roc.png").is_file()
+
+
+def _speed_row(method: str, official: float, ours: float) -> dict:
+    return {"method": method, "n": 8, "times": {"official": {"wall": official, "cpu": official},
+                                                "ours": {"wall": ours, "cpu": ours}},
+            "counts": {s: {"diffusion": 3.0, "classifier": 1.0} for s in ("official", "ours")},
+            "why": f"why {method} {official}", "config": f"config {method}", "agreement": "n/a"}
+
+
+def test_official_speed_report_re_run_of_one_method_keeps_the_others(tmp_path):
+    import argparse
+
+    import official_speed
+
+    args = argparse.Namespace(n=8, repeats=3, threads=1)
+    out = tmp_path / "speed.md"
+    official_speed.report([_speed_row(m, 2.0, 1.0) for m in official_speed.METHODS], args, out)
+    first = out.read_text()
+    official_speed.report([_speed_row("LFDN (DLSR)", 4.0, 1.0)], args, out)  # LFDN alone, other numbers
+    text = out.read_text()
+    for m in ("DiffGuard GDM", "DiffNB"):  # kept verbatim, with their measurement line
+        assert [ln for ln in text.splitlines() if m in ln] == [ln for ln in first.splitlines() if m in ln]
+    lfdn = [ln for ln in text.splitlines() if ln.startswith("| LFDN (DLSR) | ours")]
+    assert len(lfdn) == 1 and "**4.00× / 4.00×**" in lfdn[0]
+    assert "why LFDN (DLSR) 4.0" in text and "why LFDN (DLSR) 2.0" not in text
+    assert text.count("| LFDN (DLSR) |") == 2 and text.count("- measured:") == 3
+
+
+def test_budget_subsample_is_a_fixed_subset():
+    import budget
+
+    a = budget.subsample(100, 30, seed=1)
+    assert len(a) == 30 and len(set(a)) == 30 and (np.diff(a) > 0).all() and a.max() < 100
+    np.testing.assert_array_equal(a, budget.subsample(100, 30, seed=1))
+    assert not np.array_equal(a, budget.subsample(100, 30, seed=2))
+    np.testing.assert_array_equal(budget.subsample(10, None, seed=0), np.arange(10))
+    np.testing.assert_array_equal(budget.subsample(10, 50, seed=0), np.arange(10))
