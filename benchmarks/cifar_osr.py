@@ -52,10 +52,12 @@ MODES = {
     "full": dict(train_per_class=None, val_per_class=100, test_per_class=None, classifier="resnet18_32x32",
                  clf_epochs=30, diffusion_minutes=10.0, unet="cifar", diffusion_batch=128, diffusion_chunk=200,
                  lfdn_epochs=150, lfdn_width=1440, lfdn_blocks=16,
-                 diffguard_steps=50, diffnb_stride=20, diffnb_repeats=4, score_batch=500),
+                 diffguard_steps=50, diffnb_stride=20, diffnb_timesteps=None, diffnb_repeats=4, score_batch=500),
     "tiny": dict(train_per_class=40, val_per_class=5, test_per_class=10, classifier="small", clf_epochs=4,
                  diffusion_minutes=0.25, unet="tiny", diffusion_batch=32, diffusion_chunk=5, lfdn_epochs=2,
-                 lfdn_width=32, lfdn_blocks=2, diffguard_steps=5, diffnb_stride=100, diffnb_repeats=2, score_batch=100),
+                 lfdn_width=32, lfdn_blocks=2, diffguard_steps=5, diffnb_stride=100,
+                 diffnb_timesteps=[100, 200, 300],  # the code's [120, 240, 360] are not on the stride-100 grid
+                 diffnb_repeats=2, score_batch=100),
 }
 
 
@@ -207,14 +209,19 @@ def train_diffusion_for(splits, work: Path, o: dict, device, fresh: bool) -> tup
 
 
 def fit_or_load_lfdn(net, splits, space, work: Path, o: dict, device, fresh: bool) -> Path:
-    from openood_diffguard.training.lfdn import fit_lfdn, save_checkpoint
+    """LFDN trained on the features the lfdn_cifar10 preset's variant feeds (its feature normalisation)."""
+    from openood_diffguard.detectors.lfdn import LFDN
+    from openood_diffguard.training.lfdn import fit_lfdn, save_checkpoint, train_config
 
-    path = work / f"lfdn_w{o['lfdn_width']}_b{o['lfdn_blocks']}_e{o['lfdn_epochs']}.pt"
+    preset = LFDN(**{k: v for k, v in preset_args("lfdn_cifar10").items() if k not in ("train", "cache_dir")})
+    norm = preset.feature_norm
+    path = work / f"lfdn_w{o['lfdn_width']}_b{o['lfdn_blocks']}_e{o['lfdn_epochs']}_{norm}.pt"
     if path.is_file() and not fresh:
         return path
     t0 = time.perf_counter()
-    cfg = {"width": o["lfdn_width"], "blocks": o["lfdn_blocks"], "epochs": o["lfdn_epochs"]}
-    ckpt = fit_lfdn(net, Batches(*splits["train"], space, 500, device), [1, 2, 3, 4], cfg)
+    cfg = train_config({"width": o["lfdn_width"], "blocks": o["lfdn_blocks"], "epochs": o["lfdn_epochs"]},
+                       preset.params["variant"])
+    ckpt = fit_lfdn(net, Batches(*splits["train"], space, 500, device), [1, 2, 3, 4], cfg, feature_norm=norm)
     save_checkpoint(ckpt, path)
     print(f"LFDN: {time.perf_counter() - t0:.0f} s, final loss {ckpt['history'][-1]:.4f}", flush=True)
     return path
@@ -235,6 +242,8 @@ def detectors(diffusion_dir: Path, lfdn_path: Path, o: dict) -> dict:
     dg.update(model_path=str(diffusion_dir), num_classes=len(KNOWN), num_steps=o["diffguard_steps"], pretrained_metrics=False,
               dtype="bf16" if torch.cuda.is_available() else "fp32")
     nb = {k: v for k, v in preset_args("diffnb_cifar10").items() if k != "cache_dir"}
+    if o.get("diffnb_timesteps"):
+        nb["timesteps"] = list(o["diffnb_timesteps"])
     nb.update(model_path=str(diffusion_dir), stride=o["diffnb_stride"], repeats=o["diffnb_repeats"],
               dtype="bf16" if torch.cuda.is_available() else None)
     lf = {k: v for k, v in preset_args("lfdn_cifar10").items() if k not in ("train", "cache_dir")}
@@ -378,7 +387,8 @@ def report(scores: dict, args, o: dict, device, facts: dict, out: Path) -> None:
              f"- LFDN: width {o['lfdn_width']}, {o['lfdn_blocks']} blocks, {o['lfdn_epochs']} epochs on the pooled stage 1-4 "
              f"features, t = 3",
              f"- detectors: DiffGuard `diffguard_cifar10` preset (CFG ω 3, DDIM-{o['diffguard_steps']}, −ℓ1 logits), "
-             f"DiffNB `diffnb_cifar10` (t 300, stride {o['diffnb_stride']}, R {o['diffnb_repeats']}), LFDN "
+             f"DiffNB `diffnb_cifar10` (t {o.get('diffnb_timesteps') or 'of the preset'}, stride {o['diffnb_stride']}, "
+             f"R {o['diffnb_repeats']}), LFDN "
              f"`lfdn_cifar10`; baselines EBO (T 1), MLS, KNN (K 50), ViM (dim = half the feature size: 256 on ResNet18) from `fusion.baselines`",
              f"- scoring time ({n_scored} images): " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()),
              f"- fusions: `ScoreFusion` calibrated on ID val only; rank = 0.5·F_b + 0.5·F_d; cascade α_out 0.02, "
@@ -408,8 +418,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="retrain and rescore everything (data extraction is kept)")
     for k, v in MODES["full"].items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else int, default=None,
-                       help=f"full default {v}, tiny {MODES['tiny'][k]}")
+        many = isinstance(MODES["tiny"][k], list)
+        p.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None and not many else int, default=None,
+                       nargs="+" if many else None, help=f"full default {v}, tiny {MODES['tiny'][k]}")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
