@@ -221,7 +221,7 @@ def fit_or_load_lfdn(net, splits, space, work: Path, o: dict, device, fresh: boo
 
 
 def preset_args(name: str) -> dict:
-    return dict(yaml.safe_load((ROOT / "configs" / "postprocessors" / f"{name}.yml").read_text())["postprocessor"]
+    return dict(yaml.safe_load((ROOT / "openood_diffguard" / "configs" / "postprocessors" / f"{name}.yml").read_text())["postprocessor"]
                 ["postprocessor_args"])
 
 
