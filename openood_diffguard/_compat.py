@@ -84,13 +84,15 @@ class _RepairingLoader(importlib.abc.Loader):
             module.__loader__ = self.loader
             if module.__spec__ is not None:
                 module.__spec__.loader = self.loader
+        uninstall_import_hook()  # imported: later imports are torchvision's business
 
 
 class _TorchvisionHook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "torchvision":
+        if name != "torchvision" or "torchvision" in sys.modules:
             return None
-        uninstall_import_hook()  # one shot: later imports (reload, submodules) are torchvision's business
+        # stays installed until the import succeeds: importlib.util.find_spec probes (diffusers, transformers)
+        # ask finders without importing
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
             spec.loader = _RepairingLoader(spec.loader)

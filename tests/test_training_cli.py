@@ -24,7 +24,7 @@ def imglist(tmp_path_factory):
     return root
 
 
-def test_train_lfdn_cli(imglist, tmp_path):
+def test_train_lfdn_cli(imglist, tmp_path, capsys):
     net = trained_digits_net()
     torch.save(net.state_dict(), tmp_path / "clf.pt")
     out = tmp_path / "lfdn.pt"
@@ -37,9 +37,9 @@ def test_train_lfdn_cli(imglist, tmp_path):
     det.setup(net)
     x = digits_split()[2][:3]
     assert det.predict(net, x)[1].shape == (3,)
-    with pytest.raises(ValueError, match="does not fit"):
-        main(["train-lfdn", "--imglist", str(imglist / "train.txt"), "--network", "digits_net:TinyConvNet",
-              "--classifier", str(tmp_path / "clf.pt"), "--num-classes", "10", "--out", str(out)])
+    rc = main(["train-lfdn", "--imglist", str(imglist / "train.txt"), "--network", "digits_net:TinyConvNet",
+               "--classifier", str(tmp_path / "clf.pt"), "--num-classes", "10", "--out", str(out)])
+    assert rc == 2 and "does not fit --network digits_net:TinyConvNet with 10 classes" in capsys.readouterr().err
 
 
 def test_train_diffusion_cli(imglist, tmp_path):

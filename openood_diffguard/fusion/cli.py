@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", nargs="+", required=True, type=Path,
                    help="score files: .npz (ours: conf, label, split[, pred, key]) or .pkl (OpenOOD evaluator.scores)")
     p.add_argument("--names", nargs="+", help="component names (default: file stems)")
-    p.add_argument("--rule", default="rank", choices=sorted(RULES))
+    p.add_argument("--rule", default="rank", choices=sorted(RULES), help="fusion rule (openood_diffguard.fusion.rules)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="rule parameter, e.g. w=0.3, alpha_out=0.02 (repeatable)")
     p.add_argument("--baseline", help="component gating the cascade / weighted by w (default: first file)")
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="choose the rule's parameters by AUROC on ID-val vs OOD-val (OpenOOD APS; uses OOD-val)")
     p.add_argument("--seed", type=int, default=0, help="seed of the id_test_half split")
-    p.add_argument("--json", type=Path, help="also write the metrics table as JSON")
+    p.add_argument("--json", type=Path, help="also write the metrics table as JSON to this file (default: print only)")
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
