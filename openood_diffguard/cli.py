@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("openood_diffguard.convert.cli", "convert original ADM / LDM cin256-v2 / DiffNB checkpoints to diffusers"),
     "train-diffusion": ("openood_diffguard.training.diffusion_cli", "train DiffNB's class-conditional pixel UNet"),
     "train-lfdn": ("openood_diffguard.training.lfdn_cli", "train the LFDN feature denoiser on a classifier's ID features"),
+    "ncis": ("openood_diffguard.ncis.cli", "NCIS outlier synthesis + training, one resumable stage per command"),
 }
 
 #: exceptions that mean "the input is wrong" (options, files, configs, missing extras), not "the code is wrong"

@@ -11,7 +11,8 @@ relative). What it adds to OpenOOD's own ``main.py``:
 
 - a ``--config`` entry that is not a file but names one of our presets (a packaged yml stem such as
   ``diffguard_cifar10``, or an alias: ``diffguard``, ``diffnb``, ``lfdn``, ``diffguard_fusion``) is replaced by
-  the packaged yml;
+  the packaged yml, and so is a packaged training config (``train_ncis``: OpenOOD's ``train_oe`` pipeline with our
+  NCIS trainer, registered in OpenOOD's ``get_trainer``);
 - ``--device auto|cpu|cuda``: on a machine without CUDA (``auto``) OpenOOD's hard-coded ``.cuda()`` calls run
   on the CPU (``devices.openood_device``), without editing OpenOOD;
 - overrides under ``--postprocessor.`` take YAML values (``null``, ``3.0``, ``[120, 240]``, ``true``) and may
@@ -75,29 +76,31 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def resolve_config_args(argv: Sequence[str]) -> list[str]:
     """Replace preset names after ``--config`` by the packaged yml paths (other entries unchanged)."""
-    from .openood.registration import packaged_configs
+    from .openood.registration import packaged_configs, packaged_train_configs
 
+    known = {**packaged_train_configs(), **packaged_configs()}
     out, in_config = [], False
     for arg in argv:
         if arg.startswith("--"):
             in_config = arg == "--config"
         elif in_config and not os.path.isfile(arg):
             stem = os.path.splitext(os.path.basename(arg))[0]
-            if stem in packaged_configs():
-                arg = str(packaged_configs()[stem])
+            if stem in known:
+                arg = str(known[stem])
         out.append(arg)
     return out
 
 
 def config_files(entries: Sequence[str]) -> list[str]:
     """``--config`` entries -> existing yml paths; a missing one is an error naming it (and the presets)."""
-    from .openood.registration import packaged_configs
+    from .openood.registration import packaged_configs, packaged_train_configs
 
     paths = resolve_config_args(["--config", *entries])[1:]
     missing = [e for e, p in zip(entries, paths) if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"--config: {', '.join(missing)} is neither a file (run from the OpenOOD checkout, "
-                                f"configs/ is relative) nor one of our presets {sorted(packaged_configs())}")
+                                f"configs/ is relative) nor one of our presets "
+                                f"{sorted({**packaged_configs(), **packaged_train_configs()})}")
     bad = [p for p in paths if not p.endswith(".yml")]
     if bad:
         raise ValueError(f"--config: OpenOOD reads .yml files only, got {', '.join(bad)}")

@@ -55,7 +55,7 @@ def test_dependencies_sit_where_they_are_used(wheel):
         if "extra ==" in r:
             name = r.split(";")[0].split(">")[0].split("<")[0].split("=")[0].strip()
             extras.setdefault(r.split("extra ==")[1].strip().strip("'\""), set()).add(name)
-    assert set(extras) == {"demo", "baselines", "openood", "test"}
+    assert set(extras) == {"demo", "baselines", "openood", "test", "sd"}
     assert "grad-cam" in extras["test"] and not any("grad-cam" in v for k, v in extras.items() if k != "test")
     assert {"matplotlib", "pytorch-ood"} <= extras["demo"] and {"matplotlib", "pytorch-ood"} <= extras["test"]
     assert {"numpy", "faiss-cpu", "imgaug", "statsmodels", "timm", "foolbox"} <= extras["openood"]

@@ -20,6 +20,10 @@ import yaml
 from . import require_openood
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "postprocessors"
+#: packaged training configs (``configs/pipelines/*.yml``), usable by stem after ``--config`` in the launcher
+PACKAGE_TRAIN_CONFIGS = PACKAGE_CONFIGS.parent / "pipelines"
+#: our OpenOOD trainers: ``trainer.name`` -> "module:Class" (two-loader trainers, like OpenOOD's OE trainer)
+TRAINERS: dict[str, str] = {"ncis": "openood_diffguard.ncis.openood_trainer:NCISTrainer"}
 _MARK = "openood_diffguard_patched"
 
 #: generic names -> the default preset (one yml per preset; the generic name is an alias, not a copy).
@@ -37,6 +41,12 @@ def packaged_configs() -> dict[str, Path]:
     """Our yml presets shipped in the package: name (file stem, or alias of one) -> path."""
     files = {p.stem: p for p in sorted(PACKAGE_CONFIGS.glob("*.yml"))}
     return {**files, **{alias: files[stem] for alias, stem in ALIASES.items() if stem in files}}
+
+
+@lru_cache(maxsize=None)
+def packaged_train_configs() -> dict[str, Path]:
+    """Our training configs shipped in the package: file stem -> path (e.g. ``train_ncis``)."""
+    return {p.stem: p for p in sorted(PACKAGE_TRAIN_CONFIGS.glob("*.yml"))}
 
 
 def read_postprocessor_section(path: str | Path) -> dict:
@@ -136,6 +146,45 @@ def _unwrap(fn: Callable) -> Callable:
     return getattr(fn, "openood_original", fn)
 
 
+def _patched_trainer_factory(original: Callable) -> Callable:
+    def get_trainer(net, train_loader, val_loader, config):
+        name = config.trainer.name if "trainer" in config and config.trainer else None
+        if name not in TRAINERS:
+            return original(net, train_loader, val_loader, config)
+        if not isinstance(train_loader, (list, tuple)) or len(train_loader) != 2:
+            raise ValueError(f"trainer {name!r} needs an ID and an outlier loader: use pipeline 'train_oe' with "
+                             f"the dataset's 'oe' split (got {type(train_loader).__name__})")
+        module, cls = TRAINERS[name].split(":")
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(net, train_loader[0], train_loader[1], config)
+
+    return _marked(get_trainer, original)
+
+
+def _patch_bindings(attr: str, original: Callable, factory: Callable) -> list[str]:
+    """Point every ``openood.*`` module attribute ``attr`` that is OpenOOD's ``original`` (or an earlier
+    factory of ours wrapping it) at ``factory``."""
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("openood.") or module is None:
+            continue
+        current = getattr(module, attr, None)
+        if current is original or getattr(current, _MARK, False) and _unwrap(current) is original:
+            setattr(module, attr, factory)
+            patched.append(f"{name}.{attr}")
+    return patched
+
+
+def _register_trainers() -> list[str]:
+    """Replace every binding of OpenOOD's ``get_trainer`` (``openood.trainers``, its ``utils`` and each
+    pipeline that imported it) by a factory that serves ``TRAINERS`` and delegates the rest."""
+    import openood.trainers.utils as tr_utils
+
+    original = _unwrap(tr_utils.get_trainer)
+    return _patch_bindings("get_trainer", original, _patched_trainer_factory(original))
+
+
 def register(evaluator: bool = True, device: Any = "auto") -> list[str]:
     """Patch OpenOOD (idempotent). Returns the module attributes that now point at our factories.
 
@@ -152,15 +201,8 @@ def register(evaluator: bool = True, device: Any = "auto") -> list[str]:
     import openood.postprocessors.utils as pp_utils
 
     original = _unwrap(pp_utils.get_postprocessor)
-    factory = _patched_main_factory(original)
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("openood.") or module is None:
-            continue
-        current = getattr(module, "get_postprocessor", None)
-        if current is original or getattr(current, _MARK, False) and _unwrap(current) is original:
-            setattr(module, "get_postprocessor", factory)
-            patched.append(f"{name}.get_postprocessor")
+    patched = _patch_bindings("get_postprocessor", original, _patched_main_factory(original))
+    patched += _register_trainers()
     if evaluator:
         patched += _register_evaluator()
     return patched
