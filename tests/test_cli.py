@@ -55,7 +55,8 @@ def test_help_answers_well_under_import_torch():
 def test_every_option_has_help_and_says_its_default():
     parser = build_parser()
     parsers = {name: p for name, p in _subparsers(parser).items()}
-    parsers.update({f"convert {k}": v for k, v in _subparsers(parsers["convert"]).items()})
+    for group in ("convert", "ncis"):
+        parsers.update({f"{group} {k}": v for k, v in _subparsers(parsers[group]).items()})
     assert set(COMMANDS) <= set(parsers)
     for name, p in parsers.items():
         text = p.format_help()

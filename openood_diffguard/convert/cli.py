@@ -44,7 +44,7 @@ def _add_flag_options(parser: argparse.ArgumentParser, cls) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="source", required=True)
     for name, cls in _FLAGS.items():
-        p = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
+        p = sub.add_parser(name, help=_HELP[name], description=_HELP[name], formatter_class=parser.formatter_class)
         p.add_argument("--src", required=True, help="original checkpoint file")
         p.add_argument("--out", required=True, help="output diffusers model directory")
         p.add_argument("--trust-pickle", action="store_true",
