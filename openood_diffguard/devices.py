@@ -75,11 +75,15 @@ def openood_device(device: Any = "auto") -> Iterator[Any]:
             kwargs["map_location"] = "cpu"
         return saved[2](*args, **kwargs)
 
-    torch.Tensor.cuda, torch.nn.Module.cuda, torch.load = tensor_cuda, module_cuda, load
+    ours = (tensor_cuda, module_cuda, load)
+    torch.Tensor.cuda, torch.nn.Module.cuda, torch.load = ours
     try:
         yield device
-    finally:
-        torch.Tensor.cuda, torch.nn.Module.cuda, torch.load = saved
+    finally:  # restore only what is still ours: a later patch by someone else (a test fixture) stays theirs
+        for (owner, name), mine, before in zip(((torch.Tensor, "cuda"), (torch.nn.Module, "cuda"), (torch, "load")),
+                                               ours, saved):
+            if getattr(owner, name) is mine:
+                setattr(owner, name, before)
 
 
 _installed: contextlib.ExitStack | None = None
