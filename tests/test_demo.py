@@ -11,6 +11,11 @@ from openood_diffguard.fusion.scores_io import load_scores
 from openood_diffguard.metrics import METRIC_COLUMNS
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(single_thread):  # two OpenMP threads spin against other jobs on a shared 2-core box
+    yield
+
+
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
