@@ -40,8 +40,8 @@ def build(full: bool, precision: str, timesteps: list[int], repeats: int, device
     def images(bs: int) -> torch.Tensor:
         return (torch.rand(bs, 3, size, size, device=device) - 0.49) / 0.25
 
-    stride = det.params["stride"]  # grid 'code' (default): t / stride steps; 'exact': one more (to the clean level)
-    calls = sum(t // stride + (det.params["grid"] == "exact") for t in timesteps) * repeats * 2
+    stride = det.params["stride"]  # grid 'code': t / stride steps; 'exact': one more (to the clean level)
+    calls = sum(t // stride + (det.settings()["grid"] == "exact") for t in timesteps) * repeats * 2
     return det, net, images, model, calls
 
 

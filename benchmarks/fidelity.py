@@ -7,6 +7,7 @@
 Each ``--config NAME key=value ...`` is one row: the detector's setup preset (below) with these parameters on top
 (values are parsed as YAML: ``timesteps=[120,240,360]``, ``train={epochs: 20}``, ``dtype=null``). Rows that differ
 only in cheap parameters re-score the same cached statistics. ``--append`` adds the rows to an existing ``--out``.
+``--ci-against NAME`` adds each row's AUROC difference to row NAME with a paired bootstrap interval (same images).
 
 Setups (both run on the CPU in minutes to an hour):
 
@@ -191,6 +192,30 @@ def evaluate(detector, setup: Setup, progress: bool = True) -> tuple[OODMetrics,
     return ood_metrics(conf, label, pred), {"pred": pred, "conf": conf, "label": label}
 
 
+def paired_auroc_delta(ref: dict[str, np.ndarray], other: dict[str, np.ndarray], n_boot: int = 2000,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """AUROC(other) - AUROC(ref) in points with a 95 % paired bootstrap interval: both score the same images
+    (``evaluate``'s scores, same order); ID and OOD samples are resampled separately."""
+    from scipy.stats import rankdata
+
+    if not np.array_equal(ref["label"], other["label"]):
+        raise ValueError("paired_auroc_delta needs scores of the same images in the same order")
+    is_id = ref["label"] >= 0
+    ids, oods = np.nonzero(is_id)[0], np.nonzero(~is_id)[0]
+
+    def auroc(conf: np.ndarray, n_id: int) -> float:  # ID first; Mann-Whitney with mid-ranks = ROC AUC with ties
+        ranks = rankdata(conf)
+        return (ranks[:n_id].sum() - n_id * (n_id + 1) / 2) / (n_id * (len(conf) - n_id))
+
+    def delta(idx: np.ndarray) -> float:
+        return 100 * (auroc(other["conf"][idx], len(ids)) - auroc(ref["conf"][idx], len(ids)))
+
+    rng = np.random.default_rng(seed)
+    boot = [delta(np.r_[rng.choice(ids, len(ids)), rng.choice(oods, len(oods))]) for _ in range(n_boot)]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return delta(np.r_[ids, oods]), float(lo), float(hi)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _parse_config(tokens: list[str]) -> tuple[str, dict[str, Any]]:
     if not tokens:
@@ -225,19 +250,32 @@ def main(argv=None) -> int:
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--ci-against", default=None, metavar="NAME",
+                   help="add AUROC(row) - AUROC(NAME) with a 95 %% paired bootstrap interval for every other row")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = [_parse_config(c) for c in args.config]
     setup = load_setup(args.setup, args.work, args.device, args.n)
-    rows, seconds, params = {}, {}, {}
+    rows, seconds, params, scores = {}, {}, {}, {}
     for name, overrides in configs:
         t0 = time.perf_counter()
         det = make_detector(args.detector, setup, **overrides)
-        rows[name], _ = evaluate(det, setup)
+        rows[name], scores[name] = evaluate(det, setup)
         seconds[name], params[name] = time.perf_counter() - t0, overrides
         print(f"{name}: AUROC {100 * rows[name].auroc:.2f}  ({seconds[name]:.0f} s)", flush=True)
     table = format_table(rows)
+    if args.ci_against:
+        if args.ci_against not in scores:
+            raise SystemExit(f"--ci-against {args.ci_against}: no --config of that name")
+        ci = ["", f"AUROC difference to **{args.ci_against}** (points; 95 % paired bootstrap interval over the "
+              "test images, 2,000 resamples):", "", f"| | AUROC - AUROC({args.ci_against}) | 95 % interval |",
+              "|---|---|---|"]
+        for name in rows:
+            if name != args.ci_against:
+                d, lo, hi = paired_auroc_delta(scores[args.ci_against], scores[name])
+                ci.append(f"| {name} | {d:+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
+        table += "\n" + "\n".join(ci)
     print(table)
     if args.out:
         out = Path(args.out)

@@ -1,6 +1,7 @@
 """LFDN scoring speed (samples/s) on ResNet50-sized features (stages 1-3: 256 + 512 + 1024 = 1792-d), paper-size
-LFDN (width 1440, 16 blocks), t = 3 (3 DDIM steps + the step to the clean level), final + first-epoch
-models (all three scores). Random weights. The classifier's forward pass is not included: OpenOOD runs
+LFDN (width 1440, 16 blocks), t = 3, final + first-epoch models (all three scores). LFDN calls per sample and
+model: ``variant: code`` (default) 2 (the released sampler's third call is an identity), ``ours`` 4 (3 DDIM steps +
+the step to the clean level), ``paper`` 1-4 (random stride). Random weights. The classifier's forward pass is not included: OpenOOD runs
 it anyway; here a stub returns precomputed feature maps. H100 target: >= 10,000 samples/s.
     python benchmarks/lfdn_speed.py --bf16 --out benchmarks/results/lfdn_h100.md
 """
@@ -17,13 +18,13 @@ from _speed import common_arguments, setup_run, statistics_runner, throughput, w
 
 from openood_diffguard.detectors.lfdn import LFDN  # noqa: E402
 from openood_diffguard.features import FeatureStandardizer  # noqa: E402
-from openood_diffguard.networks import LFDNet, lfdn_schedule  # noqa: E402
+from openood_diffguard.networks import LFDNet  # noqa: E402
 
 WIDTHS = [256, 512, 1024]  # ResNet50 stages 1-3 (lfdn_imagenet); ResNet18 stages 1-4: [64, 128, 256, 512]
 
 
 class FeatureStub(torch.nn.Module):
-    """Returns (logits, [f1, ...]) for any input [B, sum(widths)]: pre-pooled [B, D_i, 1, 1] feature maps."""
+    """Returns (logits, [f1, ...]) for images [B, 1, 1, sum(widths)]: pre-pooled [B, D_i, 1, 1] feature maps."""
 
     def __init__(self, widths=tuple(WIDTHS)) -> None:
         super().__init__()
@@ -31,27 +32,28 @@ class FeatureStub(torch.nn.Module):
         self.bounds = [0, *torch.tensor(widths).cumsum(0).tolist()]
 
     def forward(self, x, return_feature_list=False):
+        x = x.flatten(1)
         b = self.bounds
         feats = [x[:, b[i]:b[i + 1], None, None] for i in range(len(b) - 1)]
         return x[:, :10], feats
 
 
 def build(width: int, blocks: int, timesteps: list[int], first: bool, device: torch.device, widths=tuple(WIDTHS),
-          dtype: str | None = None):
+          dtype: str | None = None, variant: str = "code"):
     """(detector, feature stub, features(bs), LFDN denoiser, denoiser forwards per sample) with random weights;
     ``dtype``: the detector's dtype parameter (bf16 = autocast of the LFDN network)."""
     D = sum(widths)
-    det = LFDN(layers=list(range(1, len(widths) + 1)), timesteps=timesteps, dtype=dtype)
-    det.final = LFDNet(D, width, blocks).to(device).eval()
-    det.first = LFDNet(D, width, blocks).to(device).eval() if first else None
-    det.standardizer = FeatureStandardizer(torch.zeros(D), torch.ones(D), list(widths))
-    det._schedule = lfdn_schedule()
+    det = LFDN(variant=variant, layers=list(range(1, len(widths) + 1)), timesteps=timesteps, dtype=dtype,
+               normalization=None)
+    std = FeatureStandardizer(torch.zeros(D), torch.ones(D), list(widths)) if variant == "ours" else None
+    det.set_models(LFDNet(D, width, blocks).to(device), LFDNet(D, width, blocks).to(device) if first else None,
+                   widths=list(widths), standardizer=std)
 
-    def features(bs: int) -> torch.Tensor:
-        return torch.randn(bs, D, device=device)
+    def features(bs: int) -> torch.Tensor:  # images [B, 1, 1, D] inside the normalised pixel range (checked)
+        return torch.rand(bs, 1, 1, D, device=device) * 2 - 1
 
-    per_sample = (max(timesteps) + 1) * (2 if first else 1)  # DDIM t -> clean, stride 1; final (+ first) model
-    return det, FeatureStub(widths).to(device), features, det.final, per_sample
+    calls = {"code": max(timesteps) - 1, "ours": max(timesteps) + 1, "paper": max(timesteps) + 1}[variant]
+    return det, FeatureStub(widths).to(device), features, det.final, calls * (2 if first else 1)
 
 
 def main() -> None:
@@ -60,15 +62,17 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=16)
     p.add_argument("--timesteps", default="3")
     p.add_argument("--no-first", action="store_true", help="skip the first-epoch model (no LR score: half the cost)")
+    p.add_argument("--variant", default="code", choices=("code", "paper", "ours"))
     common_arguments(p, "256,1024,4096,16384")
     a = p.parse_args()
     device = setup_run(a)
     det, net, make_features, _, _ = build(a.width, a.blocks, [int(t) for t in a.timesteps.split(",")],
-                                          not a.no_first, device, dtype="bf16" if a.bf16 else None)
+                                          not a.no_first, device, dtype="bf16" if a.bf16 else None, variant=a.variant)
     rates = throughput(statistics_runner(det, net, make_features), [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
     n_params = sum(p.numel() for p in det.final.parameters()) / 1e6
     notes = [f"LFDN {n_params:.1f}M params (width {a.width}, {a.blocks} blocks, {sum(WIDTHS)}-d ResNet50 stages 1-3), "
-             f"timesteps {det.params['timesteps']}, eta 0, models: final{'' if a.no_first else ' + first-epoch'}, "
+             f"variant {a.variant}, timesteps {det.params['timesteps']}, eta {det.option('eta')}, "
+             f"models: final{'' if a.no_first else ' + first-epoch'}, "
              f"bf16={a.bf16}", "classifier forward excluded (stub); random weights"]
     if a.out:
         write_report(a.out, "LFDN scoring speed", device, rates, notes)

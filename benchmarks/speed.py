@@ -52,9 +52,10 @@ ROWS = {
                               tiny=dict(batches=[4], steps=4, minimal=3 * 4)),
     "diffnb_cifar10": dict(kind="diffnb", timesteps=[300], repeats=4, minimal=4 * 15 * 2, batches=[64, 128, 256],
                            tiny=dict(batches=[2], timesteps=[40], repeats=1, minimal=1 * 2 * 2)),
-    "lfdn_cifar10": dict(kind="lfdn", widths=(64, 128, 256, 512), width=1440, blocks=16, minimal=2 * 4,
+    # LFDN variant code, t = 3: 2 calls per model (the released sampler's third call is an identity), final + first
+    "lfdn_cifar10": dict(kind="lfdn", widths=(64, 128, 256, 512), width=1440, blocks=16, minimal=2 * 2,
                          batches=[1024, 4096, 16384], tiny=dict(batches=[256], width=64, blocks=2)),
-    "lfdn_imagenet": dict(kind="lfdn", widths=(256, 512, 1024), width=1440, blocks=16, minimal=2 * 4,
+    "lfdn_imagenet": dict(kind="lfdn", widths=(256, 512, 1024), width=1440, blocks=16, minimal=2 * 2,
                           batches=[1024, 4096, 16384], tiny=dict(batches=[256], width=64, blocks=2)),
 }
 

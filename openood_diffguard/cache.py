@@ -6,10 +6,21 @@ are stored once per sample; confidences are always recomputed from them (``Detec
 cheap parameters), so repeated passes and cheap-parameter sweeps cost nothing, and a killed run resumes.
 
 Layout: ``<root>/<namespace>/chunk-*.npz``. The namespace hashes the detector's ``cache_key()`` (name,
-expensive parameters, model fingerprints) and the classifier's weights hash. Each ``put`` writes one
-chunk to a temporary file, fsyncs it and renames it into place (atomic on POSIX), so a ``kill -9`` loses
-at most the batch in flight and never leaves a half-written chunk visible. Several processes (torchrun
-ranks) can write the same namespace: chunk names are unique, readers pick up new chunks on ``refresh``.
+expensive parameters, content fingerprints of the models) and the classifier's weights hash. Each ``put``
+writes one chunk to a temporary file, fsyncs it and renames it into place (atomic on POSIX), so a
+``kill -9`` loses at most the batch in flight and never leaves a half-written chunk visible. Temporary
+files of killed writers are removed when a cache is opened: those whose writer (pid, tagged with its host,
+boot and pid namespace) is gone, and any older than ``stale_after`` seconds (writers on other hosts).
+
+Several processes can share one namespace. torchrun ranks split the samples by key (``distributed``);
+independent processes (two jobs started on the same benchmark) split the work batch by batch through
+claim files ``claim-*.lock``: a process computes a batch only while it holds an exclusive ``flock`` on the
+batch's claim, and skips batches another process holds. At the end it waits for the rows of the skipped
+batches; batches whose holder died (the kernel releases its lock) or that take longer than
+``claim_timeout`` are computed in a further pass over the loader. So every sample is computed once and
+each process returns all rows. (``flock`` rather than pid files: a dead holder can never keep a claim,
+with no heartbeat or takeover race. Where the filesystem has no ``flock``, or for one-shot iterators that
+cannot be read twice, processes compute independently as before: duplicated work, same rows.)
 """
 from __future__ import annotations
 
@@ -17,28 +28,58 @@ import hashlib
 import json
 import os
 import re
+import socket
+import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+try:  # POSIX advisory locks for the work claims; absent on Windows (claims are then off)
+    import fcntl
+except ImportError:  # pragma: no cover - platform dependent
+    fcntl = None
+
 _KEYS = "__keys__"
+
+
+def _writer_domain() -> str:
+    """Where this process's pid means something: host name + boot id + pid namespace (two containers on one
+    host, or two hosts with one name, get different tags, so a pid is only ever checked in its own domain)."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            pass
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:40] or "host"
+    return f"{name}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:8]}"
+
+
+_HOST = _writer_domain()
 
 
 def default_cache_root() -> Path:
     return Path(os.environ.get("OPENOOD_DIFFGUARD_CACHE", Path.home() / ".cache" / "openood_diffguard"))
 
 
+def hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+    """Feed a tensor's name, shape, dtype and bytes into hashlib object ``h`` (any dtype, bf16 included)."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def module_fingerprint(net: torch.nn.Module) -> str:
     """Hash of a network's weights (names, shapes, dtypes, values): the 'checkpoint hash' of the cache key."""
     h = hashlib.sha256()
     for name, t in net.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_tensor(h, name, t)
     return h.hexdigest()[:16]
 
 
@@ -68,17 +109,172 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class ScoreCache:
-    """Append-only store of per-sample statistics rows, addressed by string sample keys."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return True  # cannot tell: keep the file (the age rule still applies)
+    return True
 
-    def __init__(self, root: str | os.PathLike | None, namespace: str = "memory") -> None:
+
+_TMP = re.compile(r"^\.tmp~(?P<host>[^~]+)~(?P<pid>\d+)~[0-9a-f]+(\.[^~]*)?$")
+
+
+def clean_temp_files(folder: Path, stale_after: float = 3600.0) -> list[Path]:
+    """Remove ``.tmp*`` files of dead writers in ``folder``: written on this host by a pid that is gone
+    (names from :func:`atomic_write`), or older than ``stale_after`` seconds (other hosts, older versions)."""
+    removed, now = [], time.time()
+    for path in Path(folder).glob(".tmp*"):
+        m = _TMP.match(path.name)
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (m is not None and m["host"] == _HOST and not _pid_alive(int(m["pid"]))) or age > stale_after:
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], stale_after: float = 3600.0) -> Path:
+    """Write ``path`` all or nothing: ``write(file)`` into a temporary file named after this writer (host, pid),
+    fsync, rename into place. A killed writer leaves only its temporary file, which the next writer (or
+    ``ScoreCache`` opening the folder) removes; concurrent writers never share a temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(path.parent, stale_after)
+    tmp = path.parent / f".tmp~{_HOST}~{os.getpid()}~{uuid.uuid4().hex}{''.join(path.suffixes)}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+class Claim:
+    """An exclusive claim on one batch of work (a held ``flock`` on ``claim-<id>.lock``); release() is idempotent."""
+
+    def __init__(self, path: Path | None = None, fd: int | None = None) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()  # while still locked: a waiter that opened this inode sees it is stale
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)  # releases the lock
+        self.fd = None
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class ScoreCache:
+    """Append-only store of per-sample statistics rows, addressed by string sample keys.
+
+    ``stale_after``: age (s) after which temporary files of writers on other hosts count as abandoned.
+    ``claim_timeout``: how long (s) to wait for a batch another live process is computing before computing it
+    here as well. ``poll``: seconds between checks while waiting.
+    """
+
+    def __init__(self, root: str | os.PathLike | None, namespace: str = "memory", *, stale_after: float = 3600.0,
+                 claim_timeout: float = 3600.0, poll: float = 0.2) -> None:
         # root=None: in-memory only (same API; used when caching is disabled)
         self.dir = None if root is None else Path(root) / namespace
+        self.stale_after, self.claim_timeout, self.poll = float(stale_after), float(claim_timeout), float(poll)
+        self.claims_enabled = self.dir is not None and fcntl is not None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self.clean()
         self._seen: set[str] = set()
         self._chunks: list[dict[str, np.ndarray]] = []
         self._index: dict[str, tuple[int, int]] = {}
+        #: rows ``cached_statistics`` computed (cache misses) into this store in this process; a warm cache adds 0
+        self.computed_rows = 0
+
+    # ------------------------------------------------------------------ hygiene
+    def clean(self) -> list[Path]:
+        """Remove temporary files of dead writers (same host, pid gone; or older than ``stale_after``) and
+        claim files nobody holds. Never touches a file a live process is writing or holding. Returns them."""
+        if self.dir is None:
+            return []
+        removed = clean_temp_files(self.dir, self.stale_after)
+        if self.claims_enabled:
+            for path in self.dir.glob("claim-*.lock"):
+                claim = self._lock(path, create=False)
+                if isinstance(claim, Claim) and claim.fd is not None:
+                    claim.release()  # unheld: its holder finished or died
+                    removed.append(path)
+        return removed
+
+    # ------------------------------------------------------------------ claims
+    def _lock(self, path: Path, create: bool = True) -> "Claim | None | bool":
+        """Claim (held lock), None (another process holds it), False (no such file / no flock support)."""
+        while True:
+            try:
+                fd = os.open(path, (os.O_CREAT if create else 0) | os.O_RDWR, 0o644)
+            except FileNotFoundError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except OSError as err:  # a filesystem without flock: claims off, work is duplicated, rows stay right
+                os.close(fd)
+                warnings.warn(f"score cache: no file locks on {self.dir} ({err}); concurrent processes will "
+                              "compute the same samples")
+                self.claims_enabled = False
+                return False
+            try:  # the previous holder unlinks the file before unlocking: did we lock the live path?
+                live = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                live = False
+            if live:
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"host": _HOST, "pid": os.getpid(), "time": time.time()}).encode())
+                return Claim(path, fd)
+            os.close(fd)
+            if not create:
+                return False
+
+    def _claim_path(self, keys: Sequence[str]) -> Path:
+        return self.dir / f"claim-{hashlib.sha256(chr(10).join(sorted(keys)).encode()).hexdigest()[:24]}.lock"
+
+    def claim(self, keys: Sequence[str]) -> "Claim | None":
+        """Exclusive claim on computing ``keys`` (one batch): a held Claim, a no-op Claim when claims are off,
+        or None when another live process holds it."""
+        if not self.claims_enabled:
+            return Claim()
+        got = self._lock(self._claim_path(keys))
+        return Claim() if got is False else got
+
+    def held_elsewhere(self, keys: Sequence[str]) -> bool:
+        """True while another live process holds the claim on exactly these keys."""
+        if not self.claims_enabled:
+            return False
+        got = self._lock(self._claim_path(keys), create=False)
+        if isinstance(got, Claim):
+            got.release()
+        return got is None
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> None:
@@ -149,13 +345,7 @@ class ScoreCache:
             self.add(arrays)
             return
         name = f"chunk-{os.getpid()}-{uuid.uuid4().hex}.npz"
-        tmp = self.dir / f".tmp-{name}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / name)
-        _fsync_dir(self.dir)
+        atomic_write(self.dir / name, lambda f: np.savez(f, **arrays), self.stale_after)
         self._seen.add(name)
         self.add(arrays)
 
@@ -228,6 +418,76 @@ def _expand(found: np.ndarray, rows: Mapping[str, np.ndarray]) -> dict[str, np.n
     return out
 
 
+class _Work:
+    """Computes the missing rows of one pass, batch by batch, under the cache's claims (see module docstring)."""
+
+    def __init__(self, detector: Any, net: torch.nn.Module, store: ScoreCache, device: Any, claims: bool) -> None:
+        self.detector, self.net, self.store, self.device = detector, net, store, device
+        self.claims = claims and store.claims_enabled
+        self.deferred: list[tuple[list[str], float]] = []  # (keys another process is computing, since when)
+        self.new_chunks: list[dict[str, np.ndarray]] = []
+
+    def batch(self, keys: list[str], batch: Mapping[str, Any], want: np.ndarray, claim: bool = True) -> None:
+        if not want.any():
+            return
+        found, _ = self.store.lookup(keys)
+        if not (want & ~found).any():
+            return
+        wanted = [keys[i] for i in np.nonzero(want)[0].tolist()]
+        held = self.store.claim(wanted) if (claim and self.claims) else Claim()
+        if held is None:
+            self.deferred.append((wanted, time.monotonic()))
+            return
+        with held:
+            found, _ = self.store.lookup(keys)  # the previous holder may have written them meanwhile
+            need = want & ~found
+            if need.any():
+                self._compute(keys, batch, need)
+
+    def _compute(self, keys: list[str], batch: Mapping[str, Any], need: np.ndarray) -> None:
+        sel = torch.from_numpy(np.nonzero(need)[0])
+        det = self.detector
+        given = torch.as_tensor(batch["label"])[sel].to(self.device) if getattr(det, "needs_labels", False) else None
+        stats = det.statistics(self.net, batch["data"][sel].to(self.device), given)
+        if "pred" not in stats:
+            raise KeyError(f"{type(det).__name__}.statistics must return 'pred' (Detector contract)")
+        new_keys = [keys[i] for i in sel.tolist()]
+        self.store.put(new_keys, stats)
+        self.store.computed_rows += len(new_keys)
+        self.new_chunks.append({_KEYS: np.asarray(new_keys, dtype=str), **{k: _to_numpy(v) for k, v in stats.items()}})
+
+    def settle(self, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Wait until every deferred batch is released by its holder (or ``claim_timeout`` passed). Returns the
+        keys still missing (holder died or failed: computed in another pass, under claims) and, among them,
+        those whose holder timed out (computed without a claim)."""
+        from tqdm.auto import tqdm
+
+        pending, self.deferred = self.deferred, []
+        waited = [k for keys, _ in pending for k in keys]
+        forced: list[str] = []
+        bar = tqdm(total=len(pending), disable=not progress, desc="waiting for batches of other processes")
+        while pending:
+            still = []
+            for keys, since in pending:
+                if not self.store.held_elsewhere(keys):
+                    bar.update(1)
+                elif time.monotonic() - since > self.store.claim_timeout:
+                    warnings.warn(f"score cache: another process has held a batch for more than "
+                                  f"{self.store.claim_timeout:g} s; computing it here as well")
+                    forced.extend(keys)
+                    bar.update(1)
+                else:
+                    still.append((keys, since))
+            pending = still
+            if pending:
+                time.sleep(self.store.poll)
+        bar.close()
+        found, _ = self.store.lookup(waited)
+        missing = np.asarray(waited, dtype=str)[~found]
+        forced_arr = np.asarray(forced, dtype=str)
+        return missing, forced_arr[np.isin(forced_arr, missing)]
+
+
 def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cache: ScoreCache | None = None,
                       progress: bool = True, device: torch.device | str | None = None,
                       batch_hook: Callable[[torch.Tensor], tuple[Any, Mapping[str, Any]]] | None = None) -> Scored:
@@ -238,6 +498,9 @@ def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cac
     per-sample extras (e.g. a baseline's scores) computed in the same pass, so loaders that shuffle
     cannot misalign them. Under torchrun each rank computes the missing samples it owns
     (``distributed.owned``); rows are exchanged after the pass and every rank returns the full result.
+    Independent processes on one cache split the batches through claims (module docstring): batches
+    another process is computing are skipped, their rows awaited at the end, and re-read from ``loader``
+    (a second pass, computing only what is still missing) if that process died.
     """
     from tqdm.auto import tqdm
 
@@ -252,7 +515,7 @@ def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cac
     labels: list[np.ndarray] = []
     selected: list[np.ndarray] = []
     extras: dict[str, list[np.ndarray]] = {}
-    new_chunks: list[dict[str, np.ndarray]] = []
+    work = _Work(detector, net, store, device, claims=not isinstance(loader, Iterator))
     for batch in tqdm(loader, disable=not progress or rank != 0, desc=f"{detector.name} scoring"):
         keys = sample_keys(batch, source)
         all_keys.extend(keys)
@@ -265,18 +528,18 @@ def cached_statistics(detector: Any, net: torch.nn.Module, loader: Iterable, cac
             for k, v in extra.items():
                 extras.setdefault(k, []).append(_to_numpy(v))
         selected.append(select)
-        found, _ = store.lookup(keys)
-        need = ~found & select & owned(keys, rank, world)
-        if not need.any():
-            continue
-        sel = torch.from_numpy(np.nonzero(need)[0])
-        given = torch.as_tensor(batch["label"])[sel].to(device) if getattr(detector, "needs_labels", False) else None
-        stats = detector.statistics(net, batch["data"][sel].to(device), given)
-        if "pred" not in stats:
-            raise KeyError(f"{type(detector).__name__}.statistics must return 'pred' (Detector contract)")
-        new_keys = [keys[i] for i in sel.tolist()]
-        store.put(new_keys, stats)
-        new_chunks.append({_KEYS: np.asarray(new_keys, dtype=str), **{k: _to_numpy(v) for k, v in stats.items()}})
+        work.batch(keys, batch, select & owned(keys, rank, world))
+    # batches other processes were computing: wait for their rows; compute what a dead / stuck holder left
+    while work.deferred:
+        todo, forced = work.settle(progress and rank == 0)
+        if todo.size == 0:
+            break
+        for batch in loader:
+            keys = sample_keys(batch, source)
+            arr = np.asarray(keys)
+            work.batch(keys, batch, np.isin(arr, todo) & ~np.isin(arr, forced))
+            work.batch(keys, batch, np.isin(arr, forced), claim=False)
+    new_chunks = work.new_chunks
     if world > 1:
         for r, chunks in enumerate(all_gather(new_chunks)):
             if r != rank:

@@ -3,8 +3,15 @@
 OpenOOD nets return ``(logits, [f1..f5])`` for ``net(x, return_feature_list=True)``: f1..f4 are the
 stage outputs (maps), f5 the pooled penultimate feature. Each selected layer is globally average-pooled
 to a vector and the vectors are concatenated: ResNet18 stages 1-4 -> 64+128+256+512 = 960-d; ResNet50
-stages 1-3 -> 256+512+1024 = 1792-d (the seed's App. C.2 setting). Per-layer standardisation (mean/std per
-dimension, fitted on ID training data) puts every layer on the same scale before diffusion.
+stages 1-3 -> 256+512+1024 = 1792-d (the DLSR paper's App. C.2 setting).
+
+Two ways to put the layers on one scale before diffusion (``FEATURE_NORMS``):
+
+- ``standardize``: z-score every dimension with its mean / std over the ID training data
+  (``FeatureStandardizer``, stored in the LFDN checkpoint);
+- ``layer_code`` / ``layer_paper``: z-score every layer of every sample over its own channels (no fitted
+  statistics), as the released DLSR code (``CustomGroupNorm``: unbiased std + 1e-5) and its paper
+  ((f - mean) / sqrt(Var + 1e-5), biased variance) do (``layer_normalize``).
 """
 from __future__ import annotations
 
@@ -30,6 +37,31 @@ def pooled_features(net: torch.nn.Module, images: torch.Tensor, layers: Sequence
     vecs = [feats[i - 1].float().flatten(2).mean(2) if feats[i - 1].ndim > 2 else feats[i - 1].float()
             for i in layers]
     return logits, torch.cat(vecs, 1), [v.shape[1] for v in vecs]
+
+
+#: feature normalisations an LFDN can be trained on (see the module docstring)
+FEATURE_NORMS = ("standardize", "layer_code", "layer_paper")
+
+
+def layer_normalize(f: torch.Tensor, widths: Sequence[int], kind: str, eps: float = 1e-5) -> torch.Tensor:
+    """Per-sample, per-layer z-score of concatenated features [B, sum(widths)] (one pass per layer, not per sample).
+
+    ``layer_code``: (g - mean) / (std + eps) with the unbiased std (DLSR code, ``ldm/util.py`` CustomGroupNorm);
+    ``layer_paper``: (g - mean) / sqrt(Var + eps) with the biased variance (DLSR paper, Sec. 3.1)."""
+    if kind not in ("layer_code", "layer_paper"):
+        raise ValueError(f"kind must be 'layer_code' or 'layer_paper', got {kind!r}")
+    if f.ndim != 2 or f.shape[1] != sum(widths):
+        raise ValueError(f"features {tuple(f.shape)} do not split into layers of widths {list(widths)}")
+    if min(widths) < 2:
+        raise ValueError(f"per-layer normalisation needs layers of >= 2 channels, got widths {list(widths)}")
+    out = []
+    for g in f.split(list(widths), dim=1):
+        mean = g.mean(1, keepdim=True)
+        if kind == "layer_code":
+            out.append((g - mean) / (g.std(1, keepdim=True) + eps))
+        else:
+            out.append((g - mean) / (g.var(1, unbiased=False, keepdim=True) + eps).sqrt())
+    return torch.cat(out, 1)
 
 
 @dataclass

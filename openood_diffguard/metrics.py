@@ -1,18 +1,28 @@
 """OOD metrics identical to OpenOOD v1.5's ``compute_all_metrics``, without importing OpenOOD.
 
 Importing ``openood.evaluators.metrics`` pulls in every OpenOOD postprocessor (faiss, libmr, ...), so the
-maths is re-derived here from the same definitions, in numpy (cumulative counts over the unique
-scores, exactly the points scikit-learn's ``roc_curve``/``precision_recall_curve`` produce).
+same scikit-learn calls are made here: ``roc_curve`` (with its default ``drop_intermediate=True``, which
+removes collinear ROC points and so decides which threshold FPR@95 lands on when scores tie),
+``precision_recall_curve`` and ``auc``. Results are bit-identical to OpenOOD's on every input (ties
+included; tested against OpenOOD's own function).
 
-Conventions (``conf`` higher = more ID; label -1 = OOD):
+Conventions (``conf`` higher = more ID; label -1 = OOD, any other label = ID, as in OpenOOD):
 
 - ``fpr95_ood_positive`` is OpenOOD's ``FPR@95``: OOD is the positive class, the threshold is set where
   95 % of the OOD samples are caught, and the value is the share of **ID samples flagged OOD**.
-- ``fpr95_id_positive`` is the number the papers report (DiffGuard/DLSR code, OpenOOD before 2023-08):
-  ID is positive, 95 % of ID samples are accepted, and the value is the share of **OOD samples accepted**.
+- ``fpr95_id_positive`` is the number the papers report: ID is positive, 95 % of ID samples are accepted,
+  and the value is the share of **OOD samples accepted**. It is computed exactly as DiffGuard's released
+  code (``ood_tester/metrics.py: fpr_recall``), OpenOOD's own ``fpr_recall`` and OpenOOD before 2023-08 do:
+  ``roc_curve(is_id, conf)`` and the FPR of the first curve point with TPR >= 0.95. (DLSR's scripts use
+  ``np.percentile`` of the ID scores as threshold instead; that interpolated threshold can differ by one
+  sample on small sets.)
 - ``aupr_in``: ID positive, scored by ``conf``; ``aupr_out``: OOD positive, scored by ``-conf``; both are
-  trapezoids through every precision/recall point (OpenOOD integrates with ``sklearn.metrics.auc``).
+  ``auc(recall, precision)`` over ``precision_recall_curve`` (trapezoids, as OpenOOD integrates them).
 - ``acc``: accuracy of ``pred`` on the samples with ``label != -1``.
+
+Scores of any real dtype are accepted (torch bf16/fp16, numpy float16, ...; converted exactly to float64);
+NaN and +-inf are rejected with their counts (an infinite score has no rank-consistent ROC in
+scikit-learn: all +inf scores gave AUROC 0.0).
 """
 from __future__ import annotations
 
@@ -20,10 +30,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
+from sklearn import metrics as skm
 
 #: OpenOOD's column order (``compute_all_metrics`` list, Evaluator DataFrame columns)
 OPENOOD_COLUMNS = ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")
-_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 (OpenOOD's venv) has only trapz
 
 
 @dataclass(frozen=True)
@@ -46,74 +56,81 @@ class OODMetrics:
 
 
 def _as_1d(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+    if hasattr(x, "detach"):  # torch tensor: bf16 has no numpy dtype, float64 holds every float dtype exactly
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     return arr
 
 
+def _real(arr: np.ndarray, name: str) -> np.ndarray:
+    """float64 copy of a real-valued array; non-numbers and non-finite values are errors naming the count."""
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+            or arr.dtype == np.bool_):
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    out = arr.astype(np.float64)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        n_nan, n_pos = int(np.isnan(out).sum()), int(np.isposinf(out).sum())
+        n_neg = int(bad.sum()) - n_nan - n_pos
+        parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_pos, "+inf"), (n_neg, "-inf")) if n]
+        raise ValueError(f"{name} contains {int(bad.sum())} non-finite value(s) of {out.size} ({', '.join(parts)}); "
+                         f"metrics need finite scores (a failed / overflowing score must be fixed, not ranked)")
+    return out
+
+
+def _labels(arr: np.ndarray, name: str) -> np.ndarray:
+    values = _real(arr, name)
+    if (values != np.round(values)).any():
+        raise ValueError(f"{name} must hold integer class labels (-1 = OOD), got non-integer values")
+    return values.astype(np.int64)
+
+
 def _check(conf: np.ndarray, label: np.ndarray) -> None:
     if conf.shape != label.shape:
         raise ValueError(f"conf and label lengths differ: {conf.shape} vs {label.shape}")
-    if np.isnan(conf).any():
-        raise ValueError(f"conf contains {int(np.isnan(conf).sum())} NaN values")
     n_ood = int((label == -1).sum())
     if n_ood == 0 or n_ood == label.size:
         raise ValueError(f"need both ID (label >= 0) and OOD (label == -1) samples, got {label.size - n_ood} ID "
                          f"and {n_ood} OOD")
 
 
-def _counts(score: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative (true, false) positives at each unique threshold, scores descending (ties together)."""
-    order = np.argsort(-score, kind="mergesort")
-    s, p = score[order], positive[order].astype(np.int64)
-    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    tps = np.cumsum(p)[last_of_tie]
-    fps = (last_of_tie + 1) - tps
-    return tps, fps
+def _fpr_at_tpr(positive: np.ndarray, score: np.ndarray, tpr_level: float) -> tuple[float, float]:
+    """(FPR at the first ROC point with TPR >= tpr_level, AUROC), on scikit-learn's default curve."""
+    fpr, tpr, _ = skm.roc_curve(positive, score)  # drop_intermediate=True, as OpenOOD and DiffGuard call it
+    return float(fpr[np.argmax(tpr >= tpr_level)]), float(skm.auc(fpr, tpr))
 
 
-def _roc(score: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tps, fps = _counts(score, positive)
-    fpr = np.r_[0.0, fps / fps[-1]]
-    tpr = np.r_[0.0, tps / tps[-1]]
-    return fpr, tpr
-
-
-def _fpr_at_tpr(score: np.ndarray, positive: np.ndarray, tpr_level: float) -> float:
-    fpr, tpr = _roc(score, positive)
-    return float(fpr[np.argmax(tpr >= tpr_level)])
-
-
-def _aupr(score: np.ndarray, positive: np.ndarray) -> float:
-    tps, fps = _counts(score, positive)
-    precision = np.r_[(tps / (tps + fps))[::-1], 1.0]
-    recall = np.r_[(tps / tps[-1])[::-1], 0.0]
-    return float(-_trapezoid(precision, recall))
+def _aupr(positive: np.ndarray, score: np.ndarray) -> float:
+    precision, recall, _ = skm.precision_recall_curve(positive, score)
+    return float(skm.auc(recall, precision))
 
 
 def ood_metrics(conf: Any, label: Any, pred: Any = None, recall: float = 0.95) -> OODMetrics:
     """Metrics of one ID-vs-OOD comparison. ``pred`` may be None (``acc`` is then NaN)."""
-    conf = _as_1d(conf, "conf").astype(np.float64)
-    label = _as_1d(label, "label").astype(np.int64)
+    if not 0.0 < float(recall) <= 1.0:
+        raise ValueError(f"recall must lie in (0, 1], got {recall!r}")
+    conf = _real(_as_1d(conf, "conf"), "conf")
+    label = _labels(_as_1d(label, "label"), "label")
     _check(conf, label)
-    is_ood = label == -1
-    fpr, tpr = _roc(-conf, is_ood)
+    ood = (label == -1).astype(np.int64)  # OpenOOD's ood_indicator
+    is_ood = ood.astype(bool)
     acc = float("nan")
     if pred is not None:
         pred = _as_1d(pred, "pred")
         if pred.shape != label.shape:
             raise ValueError(f"pred and label lengths differ: {pred.shape} vs {label.shape}")
         acc = float(np.mean(pred[~is_ood] == label[~is_ood]))
+    fpr95_ood, auroc = _fpr_at_tpr(ood, -conf, recall)
     return OODMetrics(
-        fpr95_ood_positive=float(fpr[np.argmax(tpr >= recall)]),
-        auroc=float(_trapezoid(tpr, fpr)),
-        aupr_in=_aupr(conf, ~is_ood),
-        aupr_out=_aupr(-conf, is_ood),
+        fpr95_ood_positive=fpr95_ood,
+        auroc=auroc,
+        aupr_in=_aupr(1 - ood, conf),
+        aupr_out=_aupr(ood, -conf),
         acc=acc,
-        fpr95_id_positive=_fpr_at_tpr(conf, ~is_ood, recall),
+        fpr95_id_positive=_fpr_at_tpr(1 - ood, conf, recall)[0],
     )
 
 

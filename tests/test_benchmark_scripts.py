@@ -68,7 +68,7 @@ def test_speed_lfdn_row_counts_the_minimal_forwards(single_thread):
 
     cfg = {**speed.ROWS["lfdn_cifar10"], **speed.ROWS["lfdn_cifar10"]["tiny"], "batches": [64]}
     r = speed.lfdn_row("lfdn_cifar10", cfg, "fp32", True, speed.pick_device("cpu"), 0.05)
-    assert r["fwd"] == cfg["minimal"] == 8  # t = 3: 4 DDIM steps to the clean level, final + first-epoch model
+    assert r["fwd"] == cfg["minimal"] == 4  # variant code, t = 3: 2 LFDN calls, final + first-epoch model
     assert r["img_s"] > 0 and r["bare"] > 0
 
 

@@ -139,7 +139,7 @@ def test_torch_in_torch_out_and_bad_input():
     with pytest.raises(ValueError, match="unknown fusion rule"):
         ScoreFusion("average")
     with pytest.raises(TypeError, match="unknown parameter"):
-        ScoreFusion("rank", alpha_out=0.1)
+        ScoreFusion("rank", alpha_in=0.1)
     with pytest.raises(ValueError, match="alpha_out"):
         ScoreFusion("cascade", alpha_out=0.7, alpha_in=0.5)
     with pytest.raises(ValueError, match="NaN"):

@@ -5,13 +5,14 @@ import pickle
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from openood_diffguard.cli import main
 from openood_diffguard.fusion import ScoreFusion
 from openood_diffguard.fusion.cli import _ood_metrics
 from openood_diffguard.fusion.presets import load_fusion_preset, parse_fusion_config, preset_dir
-from openood_diffguard.fusion.scores_io import align, load_scores, save_scores_npz
+from openood_diffguard.fusion.scores_io import UnsafePickleError, align, load_scores, save_scores_npz
 
 N = 600
 
@@ -99,6 +100,132 @@ def test_openood_pickle_loader_and_fit_on_id_test_half(tmp_path, capsys):
     assert "far/mnist" in capsys.readouterr().out
 
 
+class _Payload:
+    """Unpickling this runs ``os.system`` (what a hostile 'score file' would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"echo pwned > {self.marker}",)
+
+
+class _StoragePayload:
+    """Hidden one level down: a 'tensor storage' whose bytes are themselves a hostile pickle (the stock
+    ``torch.storage._load_from_bytes`` runs a full ``torch.load`` on them)."""
+
+    def __init__(self, marker):
+        self.inner = pickle.dumps(_Payload(marker))
+
+    def __reduce__(self):
+        import torch.storage
+
+        return torch.storage._load_from_bytes, (self.inner,)
+
+
+def _hostile_scores(tmp_path, payload):
+    data = synthetic(4)
+    path = tmp_path / "evil.pkl"
+    openood_pickle(path, data)
+    scores = pickle.loads(path.read_bytes())
+    scores["id_preds"] = payload  # anywhere in the structure
+    path.write_bytes(pickle.dumps(scores))
+    return path, data
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", [_Payload, _StoragePayload])
+def test_hostile_pickle_is_refused_not_executed(tmp_path, capsys, kind):
+    marker = tmp_path / "pwned"
+    path, data = _hostile_scores(tmp_path, kind(marker))
+    with pytest.raises(UnsafePickleError, match="--trust-pickle"):
+        load_scores(path)
+    assert not marker.exists()  # nothing ran
+    _, b = write_pair(tmp_path, data)
+    assert main(["fuse", "--scores", str(path), str(b), "--fit-on", "id_test_half"]) == 2
+    err = capsys.readouterr().err
+    assert "refused to unpickle" in err and "--trust-pickle" in err and not marker.exists()
+    # the explicit opt-in is plain pickle.load: it does run the payload (the refusal above is not vacuous)
+    try:
+        load_scores(path, trust_pickle=True)
+    except Exception:  # noqa: BLE001 - the storage payload then fails torch's magic-number check
+        pass
+    assert marker.read_text().strip() == "pwned"
+
+
+def test_trust_pickle_opt_in_for_other_objects(tmp_path, capsys):
+    from fractions import Fraction
+
+    data = synthetic(5)
+    path = tmp_path / "other.pkl"
+    openood_pickle(path, data)
+    scores = pickle.loads(path.read_bytes())
+    scores["note"] = Fraction(1, 3)  # harmless, but not plain data: refused unless trusted
+    path.write_bytes(pickle.dumps(scores))
+    with pytest.raises(UnsafePickleError, match="fractions.Fraction"):
+        load_scores(path)
+    _, b = write_pair(tmp_path, data)
+    assert main(["fuse", "--scores", str(path), str(b), "--fit-on", "id_test_half", "--trust-pickle"]) == 0
+    (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a readable pickle|refused"):
+        load_scores(tmp_path / "junk.pkl")
+
+
+# OpenOOD v1.5's evaluator.scores as scripts/eval_ood.py --save-score writes it (pickle.HIGHEST_PROTOCOL),
+# written by numpy 1.26 + torch 2.13 in OpenOOD's environment: 4 samples per filled split, conf float32, and
+# id_preds / id_labels as torch tensors (Evaluator.eval_acc stores them so). zlib + base64.
+GENUINE_OPENOOD_PICKLE = (
+    "eNrdVE9r1EAUz7+17a6VWrzYUy9CvCzdbi1d0C2oeDDrVuvBXErIJpNmJM3sTCaFCgu9FFuZm2Ox4gfw7pfwEL+G0I8gCPUl2aVWVrqHnnyQvOT"
+    "NL7957/feZL/y4bSiFDaQptCwL3Nf4czFsewKfdeNwBkcJVxuwcp8nO709+oeYagOj4hhT4qaEzCy00uDADH5XprHiyWloioXTfsrLkWl4APv870+go"
+    "8hhzV5dPhWbkrT0oV6X3a73adnYMXNUrjsWcaBFOojyQEUzpjHc0O6IAjWv2ed9WazCVeyLsNZoQUr53ThzfFk4a0R1WWZj7wM584/RKkwvKTQTkx7O"
+    "HBZY8mT3UTohBSChgZoGCOXFeqOIEu5opNsqo7b9M/Csyxrfzo5aWdZpx0EP9oyXBhf1tkldrEsofN8ClKhB0XqorIT43IQriTtj8OUv2XZg+Xm16tK"
+    "O0nFNPadPkN+IsV1TpgX1p2U4whe5x2GeimOfIejOCHM2V3OR1bMlrAEnLuNpJhzIuL6xWA7vT2Yf0A9XICS9rV31ejX5yc/F19/eX67vq89O9XhPqC"
+    "KaeeF9RnhxCORs4tYgklMVQDYs7ASYc4j5KDYx25MtUO7CsF87J0Ev0EJ1QfUMO38OCYhYZxWLM3W4Q3HnF6zDNvIOUi8TacsI01hT9OeysFlylTxih"
+    "KqHYC8LGNVqto3ANJaWWk0W2utRqO12lqlJa3XT6luGV1OjRdAtkWVcVjVrRuT9vkA1LeUvBOWeiCPRA1kiJDHQQVQvrbBfAQ9eYw9DmLe3SzOr5iBV"
+    "kVuD0Fzwo4ZbvwPIq/dm1zkHDuByNo/RA5fjYSs5r+g4dQPZHgH/j+1IjRUt4yl9d9Oots/")
+
+
+def test_genuine_openood_pickle_from_numpy1_loads(tmp_path, recwarn):
+    import base64
+    import zlib
+
+    path = tmp_path / "ebo.pkl"
+    path.write_bytes(zlib.decompress(base64.b64decode(GENUINE_OPENOOD_PICKLE)))
+    loaded = load_scores(path)
+    assert set(loaded) == {"id_test", "near/cifar100", "far/mnist"}
+    np.testing.assert_array_equal(loaded["id_test"]["conf"], np.float32([0.9, 0.8, 0.7, 0.95]))
+    np.testing.assert_array_equal(loaded["id_test"]["label"], [1, 0, 2, 2])
+    np.testing.assert_array_equal(loaded["far/mnist"]["conf"], np.float32([0.9, 0.8, 0.7, 0.95]) - np.float32(0.6))
+    assert (loaded["near/cifar100"]["label"] == -1).all()
+    from openood_diffguard.fusion.scores_io import load_pickle
+
+    raw = load_pickle(path)
+    import torch
+
+    assert torch.equal(raw["id_preds"], torch.tensor([1, 0, 2, 1])) and raw["csid"] == {"cifar10c": None}
+    assert not [w for w in recwarn if "numpy.core" in str(w.message)]  # no numpy-1 deprecation noise
+
+
+def test_tensor_and_protocol_variants_load(tmp_path):
+    import torch
+
+    obj = {"id": {"test": [torch.arange(3), np.float64([1.5, 2, 3]), np.array([0, 1, 2])]},
+           "ood": {"near": {"a": [np.zeros(2, int), np.float16([0.5, 0.25]), -np.ones(2, int)]}},
+           "extra": (1 + 2j, {1, 2}, frozenset({3}), b"bytes", bytearray(b"x"), None, True, np.float32(1.0),
+                     torch.ones(2, dtype=torch.bfloat16)[1:], [np.array(["s"]), np.array([{"k": 1}], dtype=object)])}
+    from openood_diffguard.fusion.scores_io import load_pickle
+
+    for proto in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"p{proto}.pkl"
+        path.write_bytes(pickle.dumps(obj, proto))
+        got = load_pickle(path)
+        assert got["extra"][:8] == obj["extra"][:8]
+        assert torch.equal(got["extra"][8], obj["extra"][8]) and got["extra"][9][1][0] == {"k": 1}
+        assert load_scores(path)["near/a"]["conf"].tolist() == [0.5, 0.25]
+
+
 def test_align_by_key_and_refuse_misaligned(tmp_path):
     rng = np.random.default_rng(2)
     conf, label, key = rng.normal(size=50), rng.integers(0, 5, 50), np.array([f"img{i}.png" for i in range(50)])
@@ -124,11 +251,17 @@ def test_presets_parse_and_build(stem):
     cfg = load_fusion_preset(stem)
     assert cfg.baseline == stem.split("_")[2] and cfg.detector == "diffguard" and cfg.aps_mode
     assert cfg.detector_preset == ("diffguard_cifar10" if "cifar10" in stem else "diffguard_gdm_imagenet")
-    if (preset_dir() / f"{cfg.detector_preset}.yml").is_file():  # once the DiffGuard presets are merged
-        assert cfg.resolved_detector_args()["num_classes"] == (10 if "cifar10" in stem else 1000)
+    assert cfg.resolved_detector_args()["num_classes"] == (10 if "cifar10" in stem else 1000)
     fusion = cfg.build_fusion()
     for values in itertools.product(*cfg.sweep.values()):
         fusion.set_params(**dict(zip(cfg.sweep, values)))  # every sweep point is a valid parameter set
+    # the documented budget switch: budget set, alpha_in dropped from rule_args and sweep
+    raw = yaml.safe_load((preset_dir() / f"{stem}.yml").read_text())
+    pp = raw["postprocessor"]
+    assert "budget" in pp["postprocessor_args"]["rule_args"]
+    pp["postprocessor_args"]["rule_args"] = {"alpha_out": 0.02, "budget": 0.3}
+    del pp["postprocessor_sweep"]["alpha_in_list"]
+    assert parse_fusion_config(raw).build_fusion().expected_routed_fraction == pytest.approx(0.3)
     if cfg.baseline == "vim":
         assert cfg.baseline_args["dim"] < 2048
 
@@ -164,6 +297,22 @@ def test_preset_schema_errors():
     empty["postprocessor"]["postprocessor_sweep"] = {}
     with pytest.raises(ValueError, match="empty postprocessor_sweep"):
         parse_fusion_config(empty)
+    # budget: a rule argument; never swept, and no sweep candidate may contradict it
+    budgeted = bad(postprocessor_args__rule_args={"w": 0.5, "budget": 0.2},
+                   postprocessor_sweep__alpha_out_list=[0.01, 0.02])
+    assert parse_fusion_config(budgeted).build_fusion().expected_routed_fraction == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="budget is a compute limit"):
+        parse_fusion_config(bad(postprocessor_sweep__budget_list=[0.1, 0.2]))
+    with pytest.raises(ValueError, match="budget .* must be in"):
+        parse_fusion_config(bad(postprocessor_args__rule_args={"budget": 0.0}))
+    with pytest.raises(ValueError, match="alpha_out_list value 1.5"):
+        parse_fusion_config(bad(postprocessor_args__rule_args={"budget": 0.2},
+                                postprocessor_sweep__alpha_out_list=[0.01, 1.5]))
+    cascade = bad(postprocessor_args__rule="cascade", postprocessor_args__rule_args={"budget": 0.2},
+                  postprocessor_sweep__alpha_in_list=[0.0, 0.1])
+    del cascade["postprocessor"]["postprocessor_sweep"]["w_list"]
+    with pytest.raises(ValueError, match="alpha_in_list value 0.1: .*either budget or alpha_in"):
+        parse_fusion_config(cascade)
 
 
 def test_detector_preset_resolution(tmp_path):
@@ -178,3 +327,32 @@ def test_detector_preset_resolution(tmp_path):
         resolve_detector_args({**args, "detector": "diffnb"}, tmp_path)
     with pytest.raises(FileNotFoundError, match="diffguard_nope"):
         resolve_detector_args({**args, "detector_preset": "diffguard_nope"}, tmp_path)
+
+
+def test_fuse_cli_budget_reads_only_routed_diffusion_scores(tmp_path, capsys):
+    """--budget: the diffusion file may hold NaN outside the band (a routed run); the table is the same as with
+    every diffusion score, and the routed share of every split is reported."""
+    data = synthetic(3)
+    a, b = write_pair(tmp_path, data)
+    full_json, sparse_json = tmp_path / "full.json", tmp_path / "sparse.json"
+    assert main(["fuse", "--scores", str(a), str(b), "--rule", "rank", "--budget", "0.3", "--json", str(full_json)]) == 0
+    assert "rank routed" in capsys.readouterr().out
+    fusion = ScoreFusion("rank", baseline="ebo", diffusion="diffguard", budget=0.3)
+    fusion.fit({"ebo": data["id_val"][0], "diffguard": data["id_val"][1]})
+    routed = {k: (v[0], np.where(fusion.route(v[0]), v[1], np.nan), v[2]) for k, v in data.items() if k != "ood_val"}
+    save_scores_npz(tmp_path / "diffguard.npz", {k: {"conf": v[1], "label": v[2]} for k, v in routed.items()})
+    save_scores_npz(tmp_path / "ebo.npz", {k: {"conf": v[0], "label": v[2]} for k, v in routed.items()})
+    assert main(["fuse", "--scores", str(a), str(b), "--rule", "rank", "--param", "budget=0.3",
+                 "--json", str(sparse_json)]) == 0
+    full, sparse = json.loads(full_json.read_text()), json.loads(sparse_json.read_text())
+    fused = lambda res: {r["dataset"]: r for r in res["rows"] if r["score"] == "fused"}  # noqa: E731
+    for ds in ("near/cifar100", "far/mnist"):
+        assert fused(sparse)[ds]["AUROC"] == fused(full)[ds]["AUROC"]
+        assert fused(sparse)[ds]["routed"] == pytest.approx(float(fusion.route(data[ds][0]).mean()))
+        assert fused(sparse)[ds]["routed"] < 0.5  # OOD that EBO already rejects never reaches diffusion
+    assert sparse["routed_id_test"] == pytest.approx(0.3, abs=4 * np.sqrt(0.21 / N))
+    assert sparse["expected_routed_id"] == pytest.approx(0.3) and sparse["params"]["budget"] == 0.3
+    capsys.readouterr()
+    assert main(["fuse", "--scores", str(a), str(b), "--budget", "0.3", "--param", "budget=0.2"]) == 2
+    assert main(["fuse", "--scores", str(a), str(b), "--budget", "1.5"]) == 2
+    assert "budget" in capsys.readouterr().err

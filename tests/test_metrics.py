@@ -92,10 +92,117 @@ def test_bad_input_and_table():
     assert isinstance(rows["a"], OODMetrics)
 
 
+def _tied_cases(n_cases, seed=0):
+    """Random small inputs with heavy ties, both classes present. Half are tie groups of a few compositions
+    ((1 ID, 1 OOD), (2, 0), ...): runs of equal compositions put ROC points on one line, which is where
+    scikit-learn's roc_curve (drop_intermediate) and a unique-threshold curve disagree about FPR@95."""
+    rng = np.random.default_rng(seed)
+    for case in range(n_cases):
+        if case % 2:
+            n = int(rng.integers(2, 80))
+            is_ood = rng.random(n) < rng.uniform(0.1, 0.9)
+            conf = rng.integers(0, int(rng.integers(1, 12)), n).astype(float)
+        else:
+            kinds = [(1, 1), (1, 0), (0, 1), (2, 0), (0, 2), (2, 1), (1, 2)]
+            comp = [kinds[i] for i in rng.integers(0, int(rng.integers(2, 8)), int(rng.integers(2, 40)))]
+            is_ood = np.concatenate([[False] * a + [True] * b for a, b in comp])
+            conf = np.concatenate([[float(g)] * (a + b) for g, (a, b) in enumerate(comp)])
+            if is_ood.all() or not is_ood.any():
+                is_ood[0] = not is_ood[0]
+        n = is_ood.size
+        perm = rng.permutation(n)
+        conf, is_ood = conf[perm] * rng.choice([1.0, 0.1, -3.7]), is_ood[perm]
+        if is_ood.all() or not is_ood.any():
+            is_ood[0] = not is_ood[0]
+        label = np.where(is_ood, -1, rng.integers(0, 5, n))
+        if rng.random() < 0.3:
+            conf = conf.astype(np.float32)  # OpenOOD's conf arrays are float32 when postprocessors return it
+        pred = np.where(rng.random(n) < 0.6, label, rng.integers(0, 5, n))
+        yield conf, label, pred
+
+
+def test_property_identical_to_openood_formula_with_ties():
+    """200 random heavy-tie cases: every value bit-identical to OpenOOD's compute_all_metrics as written
+    (scikit-learn calls of openood/evaluators/metrics.py), and the ID-positive FPR to DiffGuard's fpr_recall."""
+    for conf, label, pred in _tied_cases(200):
+        m = ood_metrics(conf, label, pred)
+        ref = _sklearn_openood(conf, label, pred)
+        assert m.as_openood() == [float(v) for v in ref[:5]], (conf, label)
+        assert m.fpr95_id_positive == float(ref[5])
+
+
+def test_tie_known_answer_collinear_roc_points():
+    # every threshold holds one ID and one OOD sample: all ROC points lie on the diagonal, scikit-learn's
+    # roc_curve keeps only (0,0) and (1,1), so the first point with TPR >= 0.95 is (1,1): FPR@95 = 1.0 in
+    # OpenOOD (the unique-threshold curve would give 19/20 = 0.95)
+    conf = np.repeat(np.arange(20), 2).astype(float)
+    label = np.tile([0, -1], 20)
+    m = ood_metrics(conf, label, np.zeros(40, int))
+    assert m.fpr95_ood_positive == 1.0 and m.fpr95_id_positive == 1.0
+    assert m.auroc == pytest.approx(0.5)
+
+
+@pytest.mark.filterwarnings("ignore:AUTC is undefined")
+def test_pytorch_ood_agrees_and_ties_only_move_fpr_later():
+    """pytorch-ood (independent code, unique-threshold curve): AUROC/AUPR equal on every case; FPR@95 equal
+    without ties, and with ties never smaller (dropping collinear points can only skip to a later point)."""
+    from pytorch_ood.metrics import OODMetrics as PODMetrics
+
+    differ = 0
+    issue_case = (np.repeat(np.arange(20), 2).astype(float), np.tile([0, -1], 20), np.zeros(40, int))
+    for i, (conf, label, pred) in enumerate([issue_case, *_tied_cases(99, seed=1)]):
+        if i % 2:
+            conf = conf + np.random.default_rng(i).random(conf.size) * 1e-3  # break ties
+        m = ood_metrics(conf, label, pred)
+        ref = PODMetrics().update(torch.as_tensor(-conf.astype(float)), torch.as_tensor(label)).compute()
+        assert m.auroc == pytest.approx(ref["AUROC"], abs=1e-10)
+        assert m.aupr_in == pytest.approx(ref["AUPR-IN"], abs=1e-10)
+        assert m.aupr_out == pytest.approx(ref["AUPR-OUT"], abs=1e-10)
+        if i % 2:
+            assert m.fpr95_ood_positive == pytest.approx(ref["FPR95TPR"], abs=1e-12)
+        else:
+            assert m.fpr95_ood_positive >= ref["FPR95TPR"] - 1e-12
+            differ += m.fpr95_ood_positive != pytest.approx(ref["FPR95TPR"], abs=1e-12)
+    assert differ > 0  # the tie cases do exercise the difference
+
+
+def test_non_finite_scores_rejected_with_counts():
+    label = np.r_[np.zeros(3, int), -np.ones(3, int)]
+    with pytest.raises(ValueError, match=r"6 non-finite value\(s\) of 6 \(6 \+inf\)"):
+        ood_metrics(np.full(6, np.inf), label)  # used to give AUROC 0.0
+    with pytest.raises(ValueError, match=r"3 non-finite .*1 NaN, 1 \+inf, 1 -inf"):
+        ood_metrics(np.array([1.0, np.nan, np.inf, -np.inf, 0.0, 2.0]), label)
+    with pytest.raises(ValueError, match="label"):
+        ood_metrics(np.arange(6.0), label + 0.5)
+    with pytest.raises(TypeError, match="conf must hold real numbers"):
+        ood_metrics(np.array(list("abcdef")), label)
+    with pytest.raises(ValueError, match="recall"):
+        ood_metrics(np.arange(6.0), label, recall=95)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, "np16"])
+def test_any_float_dtype(dtype):
+    conf, label, pred = _data(7, ties=True)
+    if dtype == "np16":
+        low = conf.astype(np.float16)
+        m = ood_metrics(low, torch.as_tensor(label), torch.as_tensor(pred))
+    else:
+        low = torch.as_tensor(conf).to(dtype)
+        m = ood_metrics(low, torch.as_tensor(label), torch.as_tensor(pred))
+        low = low.double().numpy()
+    assert m == ood_metrics(np.asarray(low, dtype=np.float64), label, pred)  # exact: the values as stored
+
+
 @pytest.mark.openood
-def test_matches_openood_itself():
+def test_property_identical_to_openood_itself():
+    """OpenOOD's own compute_all_metrics on 450 random heavy-tie cases + the Gaussian ones: bit-identical."""
     mod = pytest.importorskip("openood.evaluators.metrics")
-    for seed, ties in [(5, False), (6, True)]:
-        conf, label, pred = _data(seed, ties=ties)
-        np.testing.assert_allclose(compute_all_metrics(conf, label, pred),
-                                   mod.compute_all_metrics(conf, label, pred), rtol=0, atol=1e-12)
+    cases = [_data(seed, ties=ties) for seed, ties in [(5, False), (6, True)]] + list(_tied_cases(450, seed=2))
+    for conf, label, pred in cases:
+        ours = compute_all_metrics(conf, label, pred)
+        theirs = [float(v) for v in mod.compute_all_metrics(conf, label, pred)]
+        assert ours == theirs, (conf.tolist(), label.tolist(), ours, theirs)
+    conf = np.repeat(np.arange(20), 2).astype(float)  # the issue's smallest tie case
+    label = np.tile([0, -1], 20)
+    assert mod.compute_all_metrics(conf, label, np.zeros(40, int))[0] == 1.0
+    assert compute_all_metrics(conf, label, np.zeros(40, int))[0] == 1.0

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.openood
-openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
 
-from openood_bench import OPENOOD_ROOT, build_bench, cpu_shim  # noqa: E402,F401
+from openood_bench import openood_root, build_bench, cpu_shim  # noqa: E402,F401
 
 from openood_diffguard.ncis.generate import _save_pngs, outlier_path, write_openood_files  # noqa: E402
 
@@ -59,7 +58,7 @@ def test_ncis_training_through_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setattr(NCISTrainer, "__init__", spy_init)
     monkeypatch.setattr(NCISTrainer, "train_epoch", spy_epoch)
     monkeypatch.chdir(bench)
-    cfg = OPENOOD_ROOT / "configs"
+    cfg = openood_root() / "configs"
     argv = ["--config", str(cfg / "datasets/cifar10/cifar10.yml"), str(cfg / "networks/resnet18_32x32.yml"),
             str(cfg / "pipelines/train/baseline.yml"), str(cfg / "preprocessors/base_preprocessor.yml"),
             "train_ncis", str(oe_yml), "--optimizer.num_epochs", "2", "--num_workers", "0",

@@ -1,25 +1,23 @@
-"""The real detectors inside a real OpenOOD checkout (skipped without it): DiffGuard (CIFAR preset, CFG
-with a tiny class-conditional UNet2DModel trained here for two steps with train_diffusion), DiffNB, LFDN
-(trained on the fly in setup) and DiffGuard + OpenOOD's EBO (cascade fusion, APS), each through the
-Evaluator by its packaged yml stem and through main.py via our launcher. The configs are the packaged
-presets with only model paths, sizes and step counts overridden. Every OpenOOD table must equal
-``openood_diffguard.metrics`` of scores computed here without OpenOOD (own image loading, the detector's
-``predict``, pytorch-ood's EBO for the fusion).
+"""The real detectors inside a real OpenOOD checkout (marked ``openood``: skipped when it is not installed, see
+conftest.py): DiffGuard (CIFAR preset, CFG with a tiny class-conditional UNet2DModel trained here for two
+steps with train_diffusion), DiffNB, LFDN (trained on the fly in setup) and DiffGuard + OpenOOD's EBO (cascade
+fusion, APS), each through the Evaluator by its packaged yml stem and through main.py via our launcher. The
+configs are the packaged presets with only model paths, sizes and step counts overridden. Every OpenOOD table
+must equal ``openood_diffguard.metrics`` of scores computed here without OpenOOD (own image loading, the
+detector's ``predict``, pytorch-ood's EBO for the fusion).
 """
 import pytest
 import torch
 import yaml
 
-pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]
-openood = pytest.importorskip("openood", reason="OpenOOD not installed (see README 'Using it inside OpenOOD')")
-pytest.importorskip("openood.evaluation_api", reason="OpenOOD's Evaluator dependencies missing")
-
-import numpy as np  # noqa: E402
-
-from openood_bench import (CIFAR10_MEAN, CIFAR10_STD, OOD_SETS, build_bench, check_evaluator_rows,  # noqa: E402,F401
+import numpy as np
+from openood_bench import (CIFAR10_MEAN, CIFAR10_STD, OOD_SETS, build_bench, check_evaluator_rows,  # noqa: F401
                            check_main_py_csv, cpu_shim, imglist_images, load_net, main_py_argv)
-from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section  # noqa: E402
-from openood_diffguard.openood.sections import detector_from_section, fusion_detector_section  # noqa: E402
+
+from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section
+from openood_diffguard.openood.sections import detector_from_section, fusion_detector_section
+
+pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]
 
 SETS = ["test_cifar10", *(f"test_{n}" for g in ("near", "far") for n in OOD_SETS[g])]
 FAST = {"num_steps": 4, "dtype": "fp32"}  # DiffGuard: DDIM-4 instead of 50, fp32 on CPU
@@ -68,16 +66,19 @@ def _section(bench, stem):
 _REFERENCE: dict = {}
 
 
-def reference(bench, stem, rule_params=None):
-    """Scores of every test set computed without OpenOOD: {set: (pred, conf, label)} (numpy)."""
-    key = (str(bench), stem, tuple(sorted((rule_params or {}).items())))
+def reference(bench, stem, rule_params=None, checkpoint=None):
+    """Scores of every test set computed without OpenOOD: {set: (pred, conf, label)} (numpy). LFDN: the
+    ``checkpoint`` that OpenOOD's setup trained on the fly (each path trains on its own train loader)."""
+    key = (str(bench), stem, tuple(sorted((rule_params or {}).items())), checkpoint)
     if key in _REFERENCE:
         return _REFERENCE[key]
     net = load_net(bench)
     pp = _section(bench, stem)
     fusion_cfg, det_pp = fusion_detector_section(pp) if stem.startswith("fusion_") else (None, pp)
     det = detector_from_section(det_pp, {"name": "cifar10"})[0]
-    det.setup(net, None, None)  # LFDN: the checkpoint trained by OpenOOD's setup, from the shared cache_dir
+    if checkpoint is not None:
+        det.set_params(checkpoint=str(checkpoint))
+    det.setup(net, None, None)
     out = {}
     if fusion_cfg is None:
         for name in SETS:
@@ -133,7 +134,8 @@ def test_evaluator_by_stem_equals_standalone(bench, stem, no_download):
                                  "lfdn_cifar10": "LFDNPostprocessor"}.get(stem, "FusionPostprocessor")
     table = ev.eval_ood()
     hyper = dict(zip(pp._sweep, pp.get_hyperparam())) if stem.startswith("fusion_") else None  # APS's choice
-    id_ref, ood_ref = _split(reference(bench, stem, hyper))
+    ckpt = pp.detector._loaded_from if stem == "lfdn_cifar10" else None
+    id_ref, ood_ref = _split(reference(bench, stem, hyper, ckpt))
     np.testing.assert_allclose(ev.scores["id"]["test"][1], id_ref[1], **_tol(stem))
     for group in ("near", "far"):
         for name, (pred, conf, _) in ev.scores["ood"][group].items():
@@ -154,11 +156,15 @@ def test_main_py_pipeline_equals_standalone(bench, stem, monkeypatch):
     monkeypatch.chdir(bench)
     fusion = stem.startswith("fusion_")
     yml = bench / "configs" / "postprocessors" / (f"{stem}_fixed.yml" if fusion else f"{stem}.yml")
+    before = set((bench / "cache").glob("lfdn_*.pt"))
     assert main(main_py_argv(bench, yml, "--mark", stem)) == 0
+    # LFDN trains on main.py's own (augmented) train loader: a model file of its own, not the Evaluator's
+    new = sorted(set((bench / "cache").glob("lfdn_*.pt")) - before)
+    assert len(new) == (1 if stem == "lfdn_cifar10" else 0), new
     out = next(p for p in (bench / "results").rglob("ood.csv") if f"_{stem}/" in str(p))
     scores = check_main_py_csv(out)  # csv rows = our metrics of main.py's saved scores
     rule_args = _section(bench, stem)["postprocessor_args"].get("rule_args", {})
-    ref = reference(bench, stem, rule_args if fusion else None)
+    ref = reference(bench, stem, rule_args if fusion else None, new[0] if new else None)
     for name, s in scores.items():  # main.py spells places365 "place365"; its ID set is "cifar10"
         key = {"place365": "places365"}.get(name, name)
         np.testing.assert_allclose(s["conf"], ref[f"test_{key}"][1], err_msg=name, **_tol(stem))

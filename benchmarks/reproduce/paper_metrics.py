@@ -22,7 +22,7 @@ def load(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: run OpenOOD with recorder.save_scores True (test_ood.yml default); "
                                 f"found {sorted(p.stem for p in folder.glob('*.npz'))}")
-    z = np.load(path)
+    z = np.load(path, allow_pickle=False)  # a user-supplied file: never unpickle objects
     return z["pred"], z["conf"], z["label"]
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class DemoConfig:
     n_test: int | None = None  # per side (ID / OOD); None = all 325 ID and as many OOD
     diffguard_steps: int = 25
     diffnb_repeats: int = 4
-    diffnb_timesteps: list = field(default_factory=lambda: [300])
+    diffnb_timesteps: list | None = None  # None = the diffnb_cifar10 preset's (variant code: 120, 240, 360)
 
     def with_seed(self, seed: int) -> "DemoConfig":
         return dataclasses.replace(self, seed=int(seed))
@@ -94,31 +94,35 @@ class _ImagesAndLabels(torch.utils.data.Dataset):
         return self.images[i], int(self.labels[i])
 
 
-def _classifier(data: DigitsOpenSet, cfg: DemoConfig, cache: Path, device: torch.device, progress: bool) -> SmallResNet:
+def _classifier(data: DigitsOpenSet, cfg: DemoConfig, cache: Path, device: torch.device,
+                progress: bool) -> tuple[SmallResNet, int]:
+    """(classifier, epochs trained now: 0 when it came from the cache)."""
     path = cache / f"classifier-{cfg.model_key('size', 'seed', 'classifier_epochs')}.pt"
     torch.manual_seed(cfg.seed)
     net = SmallResNet(data.num_classes, in_channels=1, widths=(16, 32, 32, 32))
     if path.is_file():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        train_classifier(net, data.loader("id", "train", 64, shuffle=True), epochs=cfg.classifier_epochs,
-                         seed=cfg.seed, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(net.state_dict(), tmp)
-        tmp.replace(path)  # atomic: an interrupted run never leaves a half-written checkpoint
-    return net.to(device).eval()
+        return net.to(device).eval(), 0
+    train_classifier(net, data.loader("id", "train", 64, shuffle=True), epochs=cfg.classifier_epochs,
+                     seed=cfg.seed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(net.state_dict(), tmp)
+    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written checkpoint
+    return net.to(device).eval(), cfg.classifier_epochs
 
 
-def _diffusion_model_dir(data: DigitsOpenSet, cfg: DemoConfig, cache: Path, device: torch.device, progress: bool) -> Path:
+def _diffusion_model_dir(data: DigitsOpenSet, cfg: DemoConfig, cache: Path, device: torch.device,
+                         progress: bool) -> tuple[Path, int]:
+    """(diffusers model dir, training steps run now: 0 when the cached model is complete)."""
     out = cache / f"unet-{cfg.model_key('size', 'seed', 'diffusion_steps', 'diffusion_batch')}"
     # resumable: a finished model only reloads its checkpoint, an interrupted one continues
-    train_diffusion(_ImagesAndLabels(data.dataset("id", "train")),
-                    {"num_classes": data.num_classes, "unet": DEMO_UNET, "steps": cfg.diffusion_steps,
-                     "batch_size": cfg.diffusion_batch, "lr": 1e-3, "warmup": 100, "ema": 0.995, "hflip": False,
-                     "save_every": 250, "seed": cfg.seed},
-                    out, resume=True, progress=progress, device=device)
-    return out
+    res = train_diffusion(_ImagesAndLabels(data.dataset("id", "train")),
+                          {"num_classes": data.num_classes, "unet": DEMO_UNET, "steps": cfg.diffusion_steps,
+                           "batch_size": cfg.diffusion_batch, "lr": 1e-3, "warmup": 100, "ema": 0.995,
+                           "hflip": False, "save_every": 250, "seed": cfg.seed},
+                          out, resume=True, progress=progress, device=device)
+    return out, len(res["history"])
 
 
 def build_detectors(unet_dir: Path, cfg: DemoConfig, num_classes: int, cache: Path) -> dict[str, Any]:
@@ -126,23 +130,26 @@ def build_detectors(unet_dir: Path, cfg: DemoConfig, num_classes: int, cache: Pa
     common = {"normalization": "digits", "model_path": str(unet_dir)}
     return {
         "DiffGuard": DiffGuard(**common, model_type="unet", num_classes=num_classes, guidance="cfg", cfg_scale=3.0,
-                               num_steps=cfg.diffguard_steps, inversion_convention="target", cam_cut=None,
-                               reference="input", similarities=("logits_l1", "logits_cos"), similarity="logits_l1",
+                               num_steps=cfg.diffguard_steps, variant="paper", cam_cut=False,  # as diffguard_cifar10
+                               similarities=("logits_l1", "logits_cos"), similarity="logits_l1",
                                diffusion_size=None, score_size=None),
-        "DiffNB": DiffNB(**common, timesteps=list(cfg.diffnb_timesteps), repeats=cfg.diffnb_repeats, cfg_scale=3.0,
+        "DiffNB": DiffNB(**common, timesteps=cfg.diffnb_timesteps and list(cfg.diffnb_timesteps),
+                         repeats=cfg.diffnb_repeats, cfg_scale=3.0,
                          stride=20, seed=cfg.seed),
-        "LFDN": LFDN(score="mfsim", layers=[1, 2, 3, 4], cache_dir=str(cache),
+        "LFDN": LFDN(score="mfsim", layers=[1, 2, 3, 4], cache_dir=str(cache), normalization="digits",
                      train={"width": 128, "blocks": 2, "epochs": 30, "batch_size": 64, "lr": 1e-3}),
     }
 
 
 def _score(detector, net, loader, root: Path, progress: bool):
-    """Cached per-sample statistics -> (pred, conf, label), as ``DetectorPostprocessor.inference`` does."""
+    """Cached per-sample statistics -> ((pred, conf, label), rows computed now), as
+    ``DetectorPostprocessor.inference`` does."""
     store = ScoreCache(root, namespace(detector.cache_key(), module_fingerprint(net)))
     with torch.set_grad_enabled(True):  # guidance / Grad-CAM need gradients
         out = cached_statistics(detector, net, loader, store, progress)
     stats = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.stats.items()}
-    return out.stats["pred"].astype(int), detector.confidence(stats).numpy(), out.labels.astype(int)
+    triple = (out.stats["pred"].astype(int), detector.confidence(stats).numpy(), out.labels.astype(int))
+    return triple, store.computed_rows
 
 
 def _grid(detector: DiffGuard, net, data: DigitsOpenSet, path: Path, device: torch.device, conf: np.ndarray,
@@ -175,10 +182,10 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     data = DigitsOpenSet(size=cfg.size, seed=cfg.seed)
-    net = _classifier(data, cfg, cache, dev, progress)
+    net, classifier_epochs = _classifier(data, cfg, cache, dev, progress)
     acc = accuracy(net, data.loader("id", "test"))
     lap("classifier")
-    unet_dir = _diffusion_model_dir(data, cfg, cache, dev, progress)
+    unet_dir, diffusion_steps = _diffusion_model_dir(data, cfg, cache, dev, progress)
     lap("diffusion model")
     loaders = {"id": data.loader("id", "test", 128, limit=cfg.n_test),
                "ood": data.loader("ood", "test", 128, limit=cfg.n_test or len(data.dataset("id", "test")))}
@@ -197,11 +204,13 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
 
     detectors = build_detectors(unet_dir, cfg, data.num_classes, cache)
     score_root = cache / "scores"
+    computed_rows: dict[str, int] = {}  # detector statistics rows computed by this run (0 = all from the cache)
     for name, det in detectors.items():
         det.setup(net, id_loaders, ood_loaders)
-        parts = [_score(det, net, loaders[k], score_root, progress) for k in ("id", "ood")]
-        scores[name] = tuple(np.r_[a, b] for a, b in zip(*parts))
-        val[name] = _score(det, net, id_loaders["val"], score_root, progress)[1]
+        (id_part, n_id), (ood_part, n_ood) = (_score(det, net, loaders[k], score_root, progress) for k in ("id", "ood"))
+        scores[name] = tuple(np.r_[a, b] for a, b in zip(id_part, ood_part))
+        (_, val[name], _), n_val = _score(det, net, id_loaders["val"], score_root, progress)
+        computed_rows[name] = n_id + n_ood + n_val
         lap(name)
 
     # fusion: calibrated on ID validation scores only
@@ -228,7 +237,9 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
     lap("fusion, metrics, plots")
     summary = {"config": asdict(cfg), "classifier_accuracy": acc, "seconds": time.time() - t0, "timings_s": timings,
                "auroc": {k: m.auroc for k, m in metrics.items()}, "n_id": int((scores["EBO"][2] >= 0).sum()),
-               "n_ood": int((scores["EBO"][2] < 0).sum())}
+               "n_ood": int((scores["EBO"][2] < 0).sum()),
+               "computed": {"classifier_epochs": classifier_epochs, "diffusion_steps": diffusion_steps,
+                            "score_rows": computed_rows}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"table": table, **summary}
 

@@ -142,6 +142,7 @@ class DDIM:
         grad: bool = False,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Synthesise: move each sample from path index ``start`` (default: last) down to ``stop``.
 
@@ -149,7 +150,9 @@ class DDIM:
         guidance differentiates the classifier, never the diffusion model). ``eta > 0`` makes the
         steps stochastic; the noise of every step is drawn for the whole batch from ``generator`` (on
         the CPU, then moved) and then restricted to the moving samples, so a sample's draw depends on
-        the seed and its position, never on which other samples are still moving.
+        the seed and its position, never on which other samples are still moving. ``noise_fn(i, ids)``
+        replaces that draw: the noise of the step from path index ``i`` for the moving samples ``ids``
+        (e.g. common random numbers shared by every sample, which make a score independent of its batch).
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -162,14 +165,15 @@ class DDIM:
         hi, lo = int(start_i.max()), int(stop_i.min())
         with torch.set_grad_enabled(grad):
             for i in tqdm(range(hi, lo, -1), disable=not self.progress, desc="DDIM synthesis", leave=False):
-                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device) if eta else None
+                draw = eta and noise_fn is None
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device) if draw else None
                 ids = torch.nonzero((start_i >= i) & (stop_i < i)).flatten()
                 if ids.numel() == 0:
                     continue
                 xa = x.index_select(0, ids)
                 a_n, a_s = self._alpha(levels, i, xa), self._alpha(levels, i - 1, xa)
                 eps = eps_fn(xa, levels[i].to(x.device).expand(len(ids)), _take(cond, ids, B))
-                step_noise = noise.index_select(0, ids) if eta else None
+                step_noise = None if not eta else noise.index_select(0, ids) if noise_fn is None else noise_fn(i, ids)
                 x.index_copy_(0, ids, _ddim_move(xa, eps, a_n, a_s, eta, step_noise).detach().to(x.dtype))
         return x
 

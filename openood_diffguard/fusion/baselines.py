@@ -18,6 +18,7 @@ and cached in memory (and on disk with ``cache_dir``).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -79,36 +80,74 @@ def _batches(loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def net_fingerprint(net: torch.nn.Module) -> str:
-    """Hash of the weights: identifies the checkpoint whatever path it was loaded from."""
-    h = hashlib.sha256()
-    for name, t in net.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Hash of the weights: identifies the checkpoint whatever path it was loaded from (any dtype)."""
+    from ..cache import module_fingerprint
+
+    return module_fingerprint(net)
 
 
-def loader_fingerprint(loader: Any) -> str:
-    """Identity of a loader's data: OpenOOD image list (+ data dir) when present, else the dataset object."""
+def loader_fingerprint(loader: Any) -> str | None:
+    """Content identity of a loader's data, or None when there is none to compute cheaply.
+
+    OpenOOD image lists (lines, data dir, transform), torchvision folder datasets (root, samples, transform),
+    ``TensorDataset`` and in-memory lists of batches (their tensors) are identified by content, so a later
+    process finds their cached features. Anything else has no identity that survives the process.
+    """
+    from ..cache import _transform_repr, hash_tensor
+
     ds = getattr(loader, "dataset", loader)
+    transform = _transform_repr(getattr(ds, "transform_image", None) or getattr(ds, "transform", None))
+    h = hashlib.sha256()
     imglist = getattr(ds, "imglist", None)
+    samples = getattr(ds, "samples", None)
+    tensors = getattr(ds, "tensors", None)
     if imglist is not None:
-        blob = "\n".join(map(str, imglist)) + str(getattr(ds, "data_dir", ""))
-        return "imglist-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return f"object-{type(ds).__name__}-{id(ds)}-{len(ds) if hasattr(ds, '__len__') else '?'}"
+        h.update(("\n".join(map(str, imglist)) + f"|{getattr(ds, 'data_dir', '')}|{transform}").encode())
+        return "imglist-" + h.hexdigest()[:16]
+    if isinstance(samples, list) and getattr(ds, "root", None) is not None:
+        h.update(f"{type(ds).__name__}|{ds.root}|{samples}|{transform}".encode())
+        return "folder-" + h.hexdigest()[:16]
+    if isinstance(tensors, tuple) and tensors and all(torch.is_tensor(t) for t in tensors):
+        for i, t in enumerate(tensors):
+            hash_tensor(h, str(i), t)
+        return "tensors-" + h.hexdigest()[:16]
+    if isinstance(ds, (list, tuple)) and ds:
+        for i, (x, y) in enumerate(_batches(ds)):
+            hash_tensor(h, f"{i}.data", torch.as_tensor(x))
+            hash_tensor(h, f"{i}.label", torch.as_tensor(y))
+        return "batches-" + h.hexdigest()[:16]
+    return None
+
+
+#: loaders without a content identity whose features are cached in memory: held, so their id is never reused
+_HELD_LOADERS: dict[str, Any] = {}
 
 
 def train_features(net: torch.nn.Module, loader: Iterable, cache_key: str | None = None,
                    cache_dir: str | Path | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """ID train features and labels (CPU), extracted once per (checkpoint, loader) and cached.
+    """ID train features and labels (CPU), extracted once per (checkpoint, loader content) and cached.
 
-    ``cache_key`` overrides the derived identity (e.g. checkpoint path + image list); with ``cache_dir`` the
-    features are also stored as ``<cache_dir>/train_features_<key>.pt`` for later processes.
+    The key is the weights' hash and ``loader_fingerprint``; ``cache_key`` overrides it (e.g. checkpoint
+    path + image list). With ``cache_dir`` the features are also stored as
+    ``<cache_dir>/train_features_<key>.pt`` for later processes (only for loaders with a content identity).
     """
-    key = cache_key or f"{net_fingerprint(net)}-{loader_fingerprint(loader)}"
-    key = hashlib.sha256(key.encode()).hexdigest()[:20]
+    on_disk = True
+    if cache_key is None:
+        identity = loader_fingerprint(loader)
+        if identity is None:  # no content identity: this very object, in this process only
+            ds = getattr(loader, "dataset", loader)
+            identity, on_disk = f"object-{id(ds)}", False
+            if cache_dir is not None:
+                warnings.warn(f"train_features: the data of {type(ds).__name__} cannot be identified by content "
+                              "(not an image list, folder, TensorDataset or list of batches); its features are "
+                              "not cached on disk: pass cache_key to name them")
+        cache_key = f"{net_fingerprint(net)}-{identity}"
+    key = hashlib.sha256(cache_key.encode()).hexdigest()[:20]
+    if not on_disk:
+        _HELD_LOADERS[key] = getattr(loader, "dataset", loader)
     if key in _TRAIN_FEATURES:
         return _TRAIN_FEATURES[key]
-    path = Path(cache_dir) / f"train_features_{key}.pt" if cache_dir is not None else None
+    path = Path(cache_dir) / f"train_features_{key}.pt" if cache_dir is not None and on_disk else None
     if path is not None and path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         _TRAIN_FEATURES[key] = (blob["features"], blob["labels"])
@@ -126,10 +165,9 @@ def train_features(net: torch.nn.Module, loader: Iterable, cache_key: str | None
         raise ValueError("the ID train loader is empty: KNN/ViM need ID train features")
     out = (torch.cat(feats), torch.cat(labels))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"features": out[0], "labels": out[1]}, tmp)
-        tmp.replace(path)  # atomic: a killed run never leaves a half-written cache
+        from ..cache import atomic_write
+
+        atomic_write(path, lambda f: torch.save({"features": out[0], "labels": out[1]}, f))  # all or nothing
     _TRAIN_FEATURES[key] = out
     return out
 

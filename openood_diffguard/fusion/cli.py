@@ -1,6 +1,7 @@
 """``openood-diffguard fuse``: fuse cached per-sample scores without re-running any model.
 
     openood-diffguard fuse --scores ebo.pkl diffguard.npz --rule cascade --param alpha_out=0.02 --fit-on id_val
+    openood-diffguard fuse --scores ebo.npz diffguard.npz --rule rank --budget 0.2   # diffusion on 20 % of ID
 
 Inputs are our score npz files and/or OpenOOD's pickled ``evaluator.scores`` (see ``scores_io``); the
 first file is the baseline, the second the diffusion detector (``--baseline`` / ``--diffusion`` to change).
@@ -8,7 +9,8 @@ Calibration is fitted on ID data only (``id_val``, or a seeded half of ID test w
 the files have no ID-val, as OpenOOD's pickles never do). ``--sweep`` picks the rule's parameters by
 AUROC on ID-val vs OOD-val, like OpenOOD's APS (so it uses OOD-val; the logistic rule always does).
 Prints, per OOD dataset, AUROC, AUPR-In, AUPR-Out and FPR@95 in both conventions for every input and
-the fused score, plus the unweighted near/far means and, for the cascade, the share routed to diffusion.
+the fused score, plus the unweighted near/far means and, for the cascade or a ``--budget``, the share of
+each split routed to the diffusion detector (diffusion scores may be NaN outside that band).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..metrics import ood_metrics
 from .rules import RULES
 from .score_fusion import ScoreFusion
 from .scores_io import align, load_scores
@@ -36,6 +37,8 @@ def _ood_metrics(conf_id: np.ndarray, conf_ood: np.ndarray) -> dict[str, float]:
     FPR@95_OpenOOD: share of ID flagged OOD when 95 % of OOD are caught (OOD = positive, OpenOOD v1.5).
     FPR@95_IDpos: share of OOD accepted when 95 % of ID are accepted (DiffGuard / DLSR / pre-2023-08 OpenOOD).
     """
+    from ..metrics import ood_metrics  # imports scikit-learn: not for --help
+
     m = ood_metrics(np.r_[conf_id, conf_ood], np.r_[np.zeros(conf_id.size, np.int64), -np.ones(conf_ood.size, np.int64)])
     return {"AUROC": m.auroc, "AUPR_IN": m.aupr_in, "AUPR_OUT": m.aupr_out,
             "FPR@95_OpenOOD": m.fpr95_ood_positive, "FPR@95_IDpos": m.fpr95_id_positive}
@@ -48,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="rank", choices=sorted(RULES), help="fusion rule (openood_diffguard.fusion.rules)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="rule parameter, e.g. w=0.3, alpha_out=0.02 (repeatable)")
+    p.add_argument("--budget", type=float, default=None, metavar="RHO",
+                   help="compute budget: share of ID samples (0 < RHO <= 1) whose diffusion score is read, the band "
+                        "where the baseline is least certain (any rule; same as --param budget=RHO; default: no budget, "
+                        "the rule's own band)")
     p.add_argument("--baseline", help="component gating the cascade / weighted by w (default: first file)")
     p.add_argument("--diffusion", help="component the cascade routes to (default: second file)")
     p.add_argument("--fit-on", default="id_val", choices=("id_val", "id_test_half"),
@@ -57,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose the rule's parameters by AUROC on ID-val vs OOD-val (OpenOOD APS; uses OOD-val)")
     p.add_argument("--seed", type=int, default=0, help="seed of the id_test_half split")
     p.add_argument("--json", type=Path, help="also write the metrics table as JSON to this file (default: print only)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle .pkl score files without restriction (can run code: only for files you trust); "
+                        "default: only plain data (arrays, tensors, numbers, strings, lists, dicts) is loaded")
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -93,7 +103,7 @@ def fuse_tables(aligned: dict[str, dict[str, np.ndarray]], components: list[str]
         raise ValueError(f"{'--sweep' if sweep else 'rule ' + rule} needs an ood_val split in every score file")
     fusion.fit(id_fit, ood_val_scores=ood_val if fusion.uses_ood_val else None)
     if sweep:
-        grid = ScoreFusion.sweep(rule)
+        grid = ScoreFusion.sweep(rule, params.get("budget"))
         best, best_auroc = None, -np.inf
         for values in itertools.product(*grid.values()):
             combo = dict(zip(grid, values))
@@ -107,13 +117,14 @@ def fuse_tables(aligned: dict[str, dict[str, np.ndarray]], components: list[str]
         fusion.set_params(**best)
 
     rows = []
+    banded = fusion.rule.routes  # routed shares are reported for every rule with a band (cascade, budget)
     ood_splits = [s for s in aligned if s == "ood_val" or s.startswith(("near/", "far/"))]
     for split in ood_splits:
         ood = {c: aligned[split][c] for c in components}
         for name in [*components, "fused"]:
             if name == "fused":
                 m = _ood_metrics(fusion(id_test), fusion(ood))
-                routed = float(fusion.route(ood[baseline]).mean()) if rule == "cascade" else None
+                routed = float(fusion.route(ood[baseline]).mean()) if banded else None
             elif np.isfinite(id_test[name]).all() and np.isfinite(ood[name]).all():
                 m, routed = _ood_metrics(id_test[name], ood[name]), None
             else:
@@ -130,7 +141,7 @@ def fuse_tables(aligned: dict[str, dict[str, np.ndarray]], components: list[str]
     routed_id = float(fusion.route(id_test[baseline]).mean())
     return {"rows": rows, "rule": rule, "params": fusion.get_params(), "fit_on": fit_on,
             "uses_ood_val": bool(fusion.uses_ood_val or sweep), "routed_id_test": routed_id,
-            "expected_routed_id": fusion.expected_routed_fraction}
+            "expected_routed_id": fusion.expected_routed_fraction, "banded": banded}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -143,9 +154,9 @@ def format_table(result: dict[str, Any]) -> str:
                      + f" {routed:>7}")
     lines.append("metrics in %; FPR@95_OpenOOD = ID flagged OOD at 95% OOD recall (OpenOOD v1.5), FPR@95_IDpos = "
                  "OOD accepted at 95% ID recall (papers); routed = share sent to the diffusion detector")
-    if result["rule"] == "cascade":
-        lines.append(f"cascade routed {100 * result['routed_id_test']:.1f}% of ID test to diffusion "
-                     f"(calibrated band: {100 * result['expected_routed_id']:.1f}%)")
+    if result.get("banded"):
+        lines.append(f"{result['rule']} routed {100 * result['routed_id_test']:.1f}% of ID test to diffusion "
+                     f"(calibrated band: {100 * result['expected_routed_id']:.1f}% of ID)")
     return "\n".join(lines)
 
 
@@ -163,15 +174,19 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"need one unique name per score file, got {names} (use --names)")
     if len(names) < 2:
         raise SystemExit("fuse needs at least two score files")
-    files = {n: load_scores(p) for n, p in zip(names, args.scores)}
+    files = {n: load_scores(p, trust_pickle=args.trust_pickle) for n, p in zip(names, args.scores)}
     aligned = align(files)
     baseline = args.baseline or names[0]
     diffusion = args.diffusion or names[1]
     for role, n in (("--baseline", baseline), ("--diffusion", diffusion)):
         if n not in names:
             raise SystemExit(f"{role} {n!r} is not one of the component names {names}")
-    result = fuse_tables(aligned, names, args.rule, _parse_params(args.param), baseline, diffusion,
-                         args.fit_on, args.sweep, args.seed)
+    params = _parse_params(args.param)
+    if args.budget is not None:
+        if params.get("budget", args.budget) != args.budget:
+            raise ValueError(f"--budget {args.budget} and --param budget={params['budget']} disagree")
+        params["budget"] = args.budget
+    result = fuse_tables(aligned, names, args.rule, params, baseline, diffusion, args.fit_on, args.sweep, args.seed)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

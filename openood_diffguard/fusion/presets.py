@@ -16,16 +16,22 @@ format (mergeable by ``openood.utils.config``; load one, never stack two)::
         baseline_args: {temperature: 1}   # that postprocessor's args in OpenOOD's spelling
                                       # (ebo: temperature; knn: K; vim: dim (< feature size); mls: none)
         rule: cascade                 # rank | zscore | cascade | product | min | logistic (fusion.rules)
-        rule_args: {alpha_out: 0.02, alpha_in: 0.0}
+        rule_args: {alpha_out: 0.02, alpha_in: 0.0, budget: null}   # budget rho: only a share rho of ID
+                                      # samples reaches the detector (band (alpha_out, alpha_out + rho) of the
+                                      # baseline's ID-val quantiles; alpha_in must then be 0 and not swept);
+                                      # null = the cascade's band (alpha_out, 1 - alpha_in)
         cache_dir: null               # score cache of the detector (OpenOOD postprocessor)
       postprocessor_sweep:            # APS grid, <param>_list; key order = set_hyperparam order; rule
-        alpha_out_list: [0.005, 0.01, 0.02, 0.03, 0.04]   # parameters, or cheap detector parameters
-        alpha_in_list: [0.0, 0.05, 0.1, 0.2]
+        alpha_out_list: [0.005, 0.01, 0.02, 0.03, 0.04]   # parameters, or cheap detector parameters;
+        alpha_in_list: [0.0, 0.05, 0.1, 0.2]              # never budget_list (a compute limit: APS would
+                                                          # pick the largest)
 
 The calibration is always fitted on ID ``val`` (never train: augmented in ``main.py``; never test or OOD).
 The fused score is ``ScoreFusion(rule, baseline="baseline", diffusion="diffusion", **rule_args)`` over the
 components ``{"baseline": <baseline conf>, "diffusion": <detector conf>}`` (both higher = ID).
-``logistic`` additionally fits on OOD-val (``ood['val']``), like OpenOOD's APS does.
+``logistic`` additionally fits on OOD-val (``ood['val']``), like OpenOOD's APS does. With a ``budget`` the
+detector runs only on the samples inside the band, ID-val included; APS then also reads OOD-val (as for
+any swept yml) to choose the band's start ``alpha_out``.
 """
 from __future__ import annotations
 
@@ -125,7 +131,12 @@ def parse_fusion_config(cfg: Mapping[str, Any], where: str = "fusion config") ->
             raise ValueError(f"{where}: postprocessor_sweep.{key} must be a non-empty list")
         # not a rule parameter: a cheap detector parameter, checked by the postprocessor against the detector
         (sweep if param in rule_params else detector_sweep)[param] = values
-    aps = bool(pp.get("APS_mode", False))
+    if "budget" in sweep:
+        raise ValueError(f"{where}: postprocessor_sweep.budget_list: the budget is a compute limit, not a "
+                         f"hyper-parameter (APS would pick the largest); set rule_args.budget and sweep alpha_out")
+    from ..openood.sections import parse_bool
+
+    aps = parse_bool(pp.get("APS_mode", False), f"{where}: APS_mode")
     if aps and not sweep:
         raise ValueError(f"{where}: APS_mode true with an empty postprocessor_sweep (OpenOOD would recurse forever)")
     out = FusionConfig(detector=args["detector"], baseline=args["baseline"], rule=args["rule"],
@@ -134,7 +145,15 @@ def parse_fusion_config(cfg: Mapping[str, Any], where: str = "fusion config") ->
                        baseline_args=dict(args.get("baseline_args") or {}),
                        rule_args=dict(args.get("rule_args") or {}), sweep=sweep, detector_sweep=detector_sweep,
                        aps_mode=aps)
-    out.build_fusion()  # rejects unknown / out-of-range rule_args now, not mid-run
+    fusion = out.build_fusion()  # rejects unknown / out-of-range rule_args now, not mid-run
+    for param, values in sweep.items():  # and every APS candidate (e.g. alpha_in next to a budget)
+        for value in values:
+            try:
+                fusion.rule.__class__(**{**out.rule_args, param: value})
+            except (TypeError, ValueError) as err:
+                if "alpha_out + alpha_in" in str(err):
+                    continue  # the cascade's sweep skips combinations with alpha_out + alpha_in > 1
+                raise ValueError(f"{where}: postprocessor_sweep.{param}_list value {value!r}: {err}") from None
     return out
 
 

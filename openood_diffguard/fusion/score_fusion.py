@@ -3,20 +3,23 @@
 Stable API (the OpenOOD ``diffguard_fusion`` postprocessor builds on it)::
 
     fusion = ScoreFusion("cascade", alpha_out=0.02, alpha_in=0.0)      # or rule="rank", w=0.5, ...
+    fusion = ScoreFusion("rank", w=0.5, budget=0.2)   # any rule: only 20 % of ID samples reach diffusion
     fusion.fit({"baseline": b_id_val, "diffusion": d_id_val})           # ID data only
-    # cascade: fit({"baseline": b_id_val}) suffices (the band comes from the baseline alone)
-    need = fusion.route(b_test)            # bool mask: compute the diffusion score only there (cascade)
+    # cascade: fit({"baseline": b_id_val}) suffices (the band comes from the baseline alone); with a budget
+    # d_id_val may be NaN outside fusion.route(b_id_val) (fit the baseline first: see FusionPostprocessor)
+    need = fusion.route(b_test)            # bool mask: compute the diffusion score only there (band)
     conf, d = fusion.fuse_batch(b_batch, lambda x: detector_conf(x), images)   # the same, per batch
     conf = fusion({"baseline": b_test, "diffusion": d_test})            # higher = ID
     fusion.last_routed_fraction                                          # share of samples that needed d
+    fusion.expected_routed_fraction        # the share of ID samples the band holds (= budget)
     ScoreFusion.sweep("cascade")           # {'alpha_out': [...], 'alpha_in': [...]} default APS grid
     fusion.set_params(alpha_out=0.01)      # cheap: re-derives thresholds from the cached ID fit
 
 Conventions: every input score is **higher = ID** (negate distances first); arrays are 1-D numpy arrays
 or torch tensors of equal length; the output is numpy, or a torch tensor on the first tensor's device
 when any input was a tensor. Components are named freely; two names have a role: ``baseline`` (the
-cascade's gate and the component weight ``w`` refers to) and ``diffusion`` (what the cascade routes).
-Diffusion scores outside the routed band may be NaN for the cascade (they are never read).
+band's gate and the component weight ``w`` refers to) and ``diffusion`` (what the band routes).
+Diffusion scores outside the routed band (cascade, or any rule with a ``budget``) may be NaN: never read.
 """
 from __future__ import annotations
 
@@ -51,24 +54,33 @@ class ScoreFusion:
         self.calibrators: dict[str, ECDF | ZScore | Squash] = {}
         self.fit_scores: dict[str, np.ndarray] = {}
         self.ood_val_scores: dict[str, np.ndarray] | None = None
+        self.band_ecdf: ECDF | None = None  # baseline ID ECDF: sets the band and ranks samples outside it
+        self.missing_fit = 0
         self.last_routed_fraction: float | None = None
 
     # ------------------------------------------------------------------ parameters
     @classmethod
-    def sweep(cls, rule: str) -> dict[str, list]:
-        """Default APS grid of ``rule`` (parameter -> candidates); OpenOOD ymls spell keys ``<param>_list``."""
+    def sweep(cls, rule: str, budget: float | None = None) -> dict[str, list]:
+        """Default APS grid of ``rule`` (parameter -> candidates); OpenOOD ymls spell keys ``<param>_list``.
+        With a ``budget`` the band's start ``alpha_out`` is swept instead of ``alpha_in``."""
         if rule not in RULES:
             raise ValueError(f"unknown fusion rule {rule!r}; choose one of {sorted(RULES)}")
-        return {k: list(v) for k, v in RULES[rule].SWEEP.items()}
+        return RULES[rule].sweep_grid(budget)
 
     def get_params(self) -> dict[str, Any]:
         return dict(self.rule.params)
 
     def set_params(self, **params: Any) -> "ScoreFusion":
-        """Change rule parameters; re-derives rule state from the cached fit scores (no re-scoring)."""
+        """Change rule parameters; re-derives rule state from the cached fit scores (no re-scoring).
+
+        When the band moves onto ID fit samples without a diffusion score, ``missing_fit`` counts them and
+        scoring refuses (rules that read the diffusion calibration) until ``fit`` is called with their scores.
+        """
         self.rule.set_params(**params)
         if self.is_fitted:
-            self.rule.fit(self)
+            self._calibrate()
+            if not self.missing_fit:
+                self.rule.fit(self)
         return self
 
     @property
@@ -81,51 +93,110 @@ class ScoreFusion:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, id_scores: Mapping[str, Any], ood_val_scores: Mapping[str, Any] | None = None) -> "ScoreFusion":
-        """Fit calibrations on ID scores (e.g. ID-val). ``ood_val_scores`` only for ``uses_ood_val`` rules."""
+        """Fit calibrations on ID scores (e.g. ID-val). ``ood_val_scores`` only for ``uses_ood_val`` rules.
+
+        With a band (cascade, or any rule with a ``budget``) the diffusion scores are only needed inside the
+        band, which the baseline's ID scores alone determine: NaN elsewhere is fine (the cascade needs none at
+        all). The diffusion calibration is fitted on the ID samples inside the band only, so a fit on routed
+        validation scores equals a fit on fully scored ones.
+        """
         if ood_val_scores is not None and not self.uses_ood_val:
             raise ValueError(f"fusion rule {self.rule_name!r} is calibrated on ID data only; refusing OOD "
                              f"scores (that would leak OOD statistics). Use rule='logistic' to fit on OOD-val.")
         if ood_val_scores is None and self.uses_ood_val:
             raise ValueError(f"fusion rule {self.rule_name!r} is fitted on ID-val vs OOD-val: pass ood_val_scores")
-        if isinstance(self.rule, Cascade):
-            return self._fit_cascade(id_scores)
-        fit = self._check_scores(id_scores, "ID fit scores", new=True)
+        cascade = isinstance(self.rule, Cascade)
+        if cascade:
+            names = sorted(id_scores) if isinstance(id_scores, Mapping) else type(id_scores).__name__
+            if not isinstance(id_scores, Mapping) or self.baseline not in id_scores or \
+                    not set(id_scores) <= {self.baseline, self.diffusion}:
+                raise ValueError(f"the cascade combines exactly a {self.baseline!r} and a {self.diffusion!r} score "
+                                 f"(ID fit needs {self.baseline!r}), got {names}")
+        self.calibrators, self.band_ecdf = {}, None  # unfitted until this fit succeeds
+        # ID diffusion scores may be NaN anywhere here: _calibrate names missing ones inside the band
+        fit = self._band_scores(id_scores, "ID fit scores", new=True, inside_finite=False)
+        if cascade and self.diffusion not in fit:
+            fit[self.diffusion] = np.full_like(fit[self.baseline], np.nan)
         if len(fit) < 2:
             raise ValueError(f"fusion needs at least two scores, got {sorted(fit)}")
+        band_ecdf = ECDF().fit(fit[self.baseline], name=f"ID fit scores {self.baseline!r}")
+        self.band_ecdf = band_ecdf
         self.components = tuple(fit)
-        calib = ECDF if self.rule.calibration == "ecdf" else ZScore
-        # the cascade gates on baseline ECDF quantiles whatever the calibration
-        self.calibrators = {c: calib().fit(v, name=f"ID scores {c!r}") for c, v in fit.items()}
         self.fit_scores = fit
         self.ood_val_scores = None
-        if ood_val_scores is not None:
-            ood = self._check_scores(ood_val_scores, "OOD-val scores")
-            self.ood_val_scores = ood
-        self.rule.fit(self)
+        try:
+            self._calibrate(strict=True)
+            if ood_val_scores is not None:
+                self.ood_val_scores = self._band_scores(ood_val_scores, "OOD-val scores")
+            self.rule.fit(self)
+        except Exception:
+            self.calibrators = {}
+            raise
         return self
 
-    def _fit_cascade(self, id_scores: Mapping[str, Any]) -> "ScoreFusion":
-        """The cascade needs only the baseline's ID scores: they set the band. ID diffusion scores are
-        optional and may be NaN where not computed (e.g. outside the band); they only choose the monotone
-        map of the diffusion score into (1, 2), which does not change the ranking."""
-        names = sorted(id_scores) if isinstance(id_scores, Mapping) else type(id_scores).__name__
-        if not isinstance(id_scores, Mapping) or self.baseline not in id_scores or \
-                not set(id_scores) <= {self.baseline, self.diffusion}:
-            raise ValueError(f"the cascade combines exactly a {self.baseline!r} and a {self.diffusion!r} score "
-                             f"(ID fit needs {self.baseline!r}), got {names}")
-        b = as_numpy(id_scores[self.baseline], f"ID fit scores {self.baseline!r}")
-        self.calibrators = {self.baseline: ECDF().fit(b, name=f"ID fit scores {self.baseline!r}")}
-        d = np.full_like(b, np.nan)
-        if self.diffusion in id_scores:
-            d = as_numpy(id_scores[self.diffusion], f"ID fit scores {self.diffusion!r}")
-            if d.shape != b.shape:
-                raise ValueError(f"ID fit scores: {self.diffusion!r} has {d.size} entries, {self.baseline!r} {b.size}")
-        known = d[np.isfinite(d)]
-        self.calibrators[self.diffusion] = ECDF().fit(known) if known.size >= 2 else Squash()
-        self.components = (self.baseline, self.diffusion)
-        self.fit_scores, self.ood_val_scores = {self.baseline: b, self.diffusion: d}, None
-        self.rule.fit(self)
+    def _band_scores(self, scores: Mapping[str, Any], what: str, new: bool = False,
+                     inside_finite: bool = True) -> dict[str, np.ndarray]:
+        """Checked scores; with a band the diffusion component may be NaN outside it (and, with
+        ``inside_finite=False``, inside it too)."""
+        if not isinstance(scores, Mapping) or not scores:
+            raise TypeError(f"{what}: expected a dict name -> 1-D scores, got {type(scores).__name__}")
+        if self.baseline not in scores:
+            raise KeyError(f"{what}: no {self.baseline!r} (baseline) score among {sorted(scores)}")
+        if not (self.rule.routes or isinstance(self.rule, Cascade)):
+            return self._check_scores(scores, what, new=new)
+        b = as_numpy(scores[self.baseline], f"{what} {self.baseline!r}")
+        check_finite(b, f"{what} {self.baseline!r}")
+        if inside_finite and self.band_ecdf is not None:
+            mask = self.rule.needs_diffusion(b, self)
+        else:
+            mask = np.zeros(b.shape, dtype=bool)
+        return self._check_scores(scores, what, new=new, allow_nan={self.diffusion: mask})
+
+    def fit_band(self, baseline_id_scores: Any) -> "ScoreFusion":
+        """First half of a routed fit: the band from the baseline's ID scores alone, so that ``route`` picks the
+        ID samples whose diffusion score ``fit`` needs (all of them without a band). Unfitted until ``fit``."""
+        b = as_numpy(baseline_id_scores, f"ID fit scores {self.baseline!r}")
+        self.calibrators = {}
+        self.band_ecdf = ECDF().fit(b, name=f"ID fit scores {self.baseline!r}")
         return self
+
+    def band_rows(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The samples of ``scores`` inside the band (all of them without one)."""
+        mask = self.rule.needs_diffusion(scores[self.baseline], self)
+        return {c: v[mask] for c, v in scores.items()}
+
+    def _calibrate(self, strict: bool = False) -> None:
+        """Per-component calibrations from ``fit_scores``; the routed diffusion score on the band only.
+
+        ``strict``: in-band samples without a diffusion score are an error (fresh fit); otherwise (the band
+        moved with ``set_params``) they are counted in ``missing_fit`` and scoring refuses until a refit.
+        """
+        calib = ECDF if self.rule.calibration == "ecdf" else ZScore
+        cascade = isinstance(self.rule, Cascade)
+        missing = 0
+        self.calibrators = {}
+        for c, v in self.fit_scores.items():
+            if c == self.diffusion and (self.rule.routes or cascade):
+                inside = v[self.rule.needs_diffusion(self.fit_scores[self.baseline], self)]
+                known = inside[np.isfinite(inside)]
+                if cascade:  # only the order inside the band matters: any strictly increasing map will do
+                    self.calibrators[c] = ECDF().fit(known) if known.size >= 2 else Squash()
+                    continue
+                if inside.size > known.size and strict:
+                    raise ValueError(f"ID fit scores {c!r}: {inside.size - known.size} of the {inside.size} samples "
+                                     f"inside the band have no score (NaN); the band is set by the baseline's ID "
+                                     f"scores, compute {c!r} for those (fusion.route(baseline_id_scores))")
+                if known.size < 2:
+                    raise ValueError(f"ID fit scores {c!r}: {known.size} samples inside the band; need at least 2 "
+                                     f"to calibrate (raise the budget or add ID validation data)")
+                missing += inside.size - known.size
+                self.calibrators[c] = calib().fit(known, name=f"ID fit scores {c!r} inside the band")
+            else:
+                self.calibrators[c] = calib().fit(v, name=f"ID fit scores {c!r}")
+        if self.ood_val_scores is not None:  # only rules fitted on OOD-val keep these
+            inside = self.band_rows(self.ood_val_scores)[self.diffusion]
+            missing += int((~np.isfinite(inside)).sum())
+        self.missing_fit = missing
 
     def _check_scores(self, scores: Mapping[str, Any], what: str, new: bool = False,
                       allow_nan: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -148,9 +219,9 @@ class ScoreFusion:
 
     # ------------------------------------------------------------------ scoring
     def route(self, baseline_scores: Any) -> np.ndarray:
-        """Bool mask of samples that need the diffusion score (all True except for the cascade)."""
-        if not self.is_fitted:
-            raise RuntimeError("ScoreFusion.route() before fit(id_scores)")
+        """Bool mask of samples that need the diffusion score: the band (all True without one)."""
+        if self.band_ecdf is None:
+            raise RuntimeError("ScoreFusion.route() before fit(id_scores) (or fit_band(baseline_id_scores))")
         b = as_numpy(baseline_scores, f"baseline scores {self.baseline!r}")
         check_finite(b, f"baseline scores {self.baseline!r}")
         mask = self.rule.needs_diffusion(b, self)
@@ -179,17 +250,20 @@ class ScoreFusion:
 
     @property
     def expected_routed_fraction(self) -> float:
-        """Share of ID samples the calibrated band sends to the diffusion detector (1 unless cascade)."""
-        if isinstance(self.rule, Cascade):
-            return 1.0 - float(self.rule.params["alpha_out"]) - float(self.rule.params["alpha_in"])
-        return 1.0
+        """Share of ID samples the calibrated band sends to the diffusion detector (the budget; 1 without band)."""
+        levels = self.rule.band_levels()
+        return 1.0 if levels is None else levels[1] - levels[0]
 
     def __call__(self, scores: Mapping[str, Any]) -> Any:
         """Fused confidence, higher = ID."""
         like = next((v for v in scores.values() if hasattr(v, "detach")), None) if isinstance(scores, Mapping) else None
         if not self.is_fitted:
             raise RuntimeError("ScoreFusion used before fit(id_scores)")
-        # the cascade never reads diffusion scores outside its band: they may be NaN there
+        if self.missing_fit:
+            raise RuntimeError(f"ScoreFusion: {self.missing_fit} fit samples inside the moved band have no "
+                               f"{self.diffusion!r} score: fit again with them (scores of the samples "
+                               f"fusion.route(baseline fit scores) selects)")
+        # a band is never read outside: diffusion scores may be NaN there
         mask = self.route(scores[self.baseline]) if self.baseline in scores else None
         raw = self._check_scores(scores, "scores", allow_nan={self.diffusion: mask})
         fused = self.rule.combine(raw, self)
@@ -202,6 +276,7 @@ class ScoreFusion:
     def state(self) -> dict[str, Any]:
         """Fitted state (calibrations + rule parameters): identical fits give identical states."""
         return {"components": self.components, "rule": self.rule_name, "params": self.get_params(),
+                "band": self.band_ecdf.state() if self.band_ecdf is not None else None,
                 "calibrators": {c: k.state() for c, k in self.calibrators.items()}}
 
     def __repr__(self) -> str:

@@ -14,9 +14,17 @@ whose filled leaves are ``[pred, conf, gt]``. The Evaluator never stores ID-val 
 (APS scores them without caching), so fusion of OpenOOD pickles alone must fit on ``id_test_half``.
 OpenOOD pickles carry no alignment key: files are matched by position, which needs ``shuffle=False``
 runs (``scripts/eval_ood_imagenet.py`` shuffles; its cached arrays do not line up).
+
+**Safe loading.** Unpickling can run arbitrary code, so pickles are read by a restricted unpickler that
+builds only plain data: dicts, lists, tuples, sets, numbers, strings, bytes, None, numpy arrays / dtypes /
+scalars and torch tensors (OpenOOD's ``id_preds`` / ``id_labels`` are tensors; their storage is read with
+``torch.load(weights_only=True)``). Anything else is refused with :class:`UnsafePickleError`, which names
+the opt-in (``--trust-pickle`` / ``trust_pickle=True``) for files you trust. npz files are read with
+``allow_pickle=False``.
 """
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,11 +46,72 @@ def _split_arrays(pred: Any, conf: Any, label: Any, where: str) -> Split:
     return out
 
 
-def load_openood_pickle(path: str | Path) -> ScoreFile:
-    """OpenOOD ``evaluator.scores`` pickle -> canonical splits (only filled entries)."""
-    # OpenOOD writes plain dicts/lists of numpy arrays; unpickling runs code, so only load files you trust
+class UnsafePickleError(ValueError):
+    """A score pickle holds something other than plain data (and may run code when unpickled)."""
+
+
+#: globals plain score data needs; protocol-2 pickles spell builtins ``__builtin__``, numpy 1 ``numpy.core``
+_SAFE_GLOBALS = {
+    *((m, n) for m in ("builtins", "__builtin__")
+      for n in ("complex", "set", "frozenset", "bytearray", "bytes", "int", "float", "bool", "str", "list",
+                "tuple", "dict")),
+    ("_codecs", "encode"),  # protocol <= 2 spells bytes as encode(str, "latin1")
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *((f"numpy.{core}.{mod}", n) for core in ("core", "_core")
+      for mod, n in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
+    ("torch._utils", "_rebuild_tensor_v2"),
+}
+
+
+def _load_torch_storage(data: bytes) -> Any:
+    """Stand-in for ``torch.storage._load_from_bytes`` (a full ``torch.load`` of nested bytes): weights only."""
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's own refusal (UnpicklingError) or a corrupt storage
+        raise pickle.UnpicklingError(f"a torch tensor's storage is not plain data ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+_NUMPY2 = int(np.__version__.split(".")[0]) >= 2
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _load_torch_storage
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which is not plain data")
+        if module.startswith("numpy.core.") and _NUMPY2:
+            module = "numpy._core." + module[len("numpy.core."):]  # numpy 1 pickle under numpy 2: no warning
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("it uses persistent ids (not a plain pickle.dump)")
+
+
+def load_pickle(path: str | Path, trust_pickle: bool = False) -> Any:
+    """Unpickle plain data only (see the module docstring); ``trust_pickle=True``: plain ``pickle.load``."""
     with open(path, "rb") as f:
-        raw = pickle.load(f)
+        if trust_pickle:
+            return pickle.load(f)
+        try:
+            return _PlainDataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise UnsafePickleError(
+                f"{path}: refused to unpickle: {err}. A score pickle holds only arrays, tensors, numbers, strings, "
+                "lists and dicts; unpickling anything else can run code. If you trust this file, pass "
+                "--trust-pickle (fuse) or trust_pickle=True.") from None
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+            raise ValueError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from err
+
+
+def load_openood_pickle(path: str | Path, trust_pickle: bool = False) -> ScoreFile:
+    """OpenOOD ``evaluator.scores`` pickle -> canonical splits (only filled entries); plain data only unless
+    ``trust_pickle``."""
+    raw = load_pickle(path, trust_pickle)
     if not isinstance(raw, Mapping) or "id" not in raw or "ood" not in raw:
         raise ValueError(f"{path}: not an OpenOOD evaluator.scores pickle (expected keys 'id', 'ood', ...)")
     out: ScoreFile = {}
@@ -88,15 +157,16 @@ def load_npz(path: str | Path) -> ScoreFile:
     return out
 
 
-def load_scores(path: str | Path) -> ScoreFile:
-    """Load by extension: ``.npz`` (ours) or ``.pkl`` / ``.pickle`` (OpenOOD's saved scores)."""
+def load_scores(path: str | Path, trust_pickle: bool = False) -> ScoreFile:
+    """Load by extension: ``.npz`` (ours) or ``.pkl`` / ``.pickle`` (OpenOOD's saved scores; plain data only
+    unless ``trust_pickle``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"score file not found: {path}")
     if path.suffix == ".npz":
         return load_npz(path)
     if path.suffix in (".pkl", ".pickle"):
-        return load_openood_pickle(path)
+        return load_openood_pickle(path, trust_pickle)
     raise ValueError(f"{path}: unknown score file type; expected .npz (openood-diffguard) or .pkl (OpenOOD)")
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..diffusion.ddim import _hp
 from ..diffusion.models import DiffusionModel
 from ..diffusion.schedule import NoiseSchedule, _bcast
 
@@ -72,16 +73,17 @@ class ClassifierGuidance:
 
     def __call__(self, x, t, cond):
         with torch.no_grad():
-            eps = self.eps_fn(x, t, cond).float()
+            eps = _hp(self.eps_fn(x, t, cond))
+        xf = _hp(x).to(eps.dtype)
         a = _bcast(self.schedule.alpha_bar(t, like=eps), eps)
-        x0 = (x.float() - (1 - a).sqrt() * eps) / a.sqrt()
+        x0 = (xf - (1 - a).sqrt() * eps) / a.sqrt()
         if self.target == "xt":
-            z = x.float()
+            z = xf
         else:
-            z = x0 if self.target == "x0" else (1 - a).sqrt() * x0 + (1 - (1 - a).sqrt()) * x.float()
-        g = self.grad_fn(z.detach(), cond).float()
+            z = x0 if self.target == "x0" else (1 - a).sqrt() * x0 + (1 - (1 - a).sqrt()) * xf
+        g = _hp(self.grad_fn(z.detach(), cond)).to(eps.dtype)
         if self.clip_x0 is not None:
-            eps = (x.float() - a.sqrt() * x0.clamp(-self.clip_x0, self.clip_x0)) / (1 - a).sqrt()
+            eps = (xf - a.sqrt() * x0.clamp(-self.clip_x0, self.clip_x0)) / (1 - a).sqrt()
         return eps - self.scale * (1 - a).sqrt() * g
 
 
@@ -92,10 +94,11 @@ class ClipConsistent:
         self.eps_fn, self.schedule, self.bound = eps_fn, schedule, bound
 
     def __call__(self, x, t, cond):
-        eps = self.eps_fn(x, t, cond).float()
+        eps = _hp(self.eps_fn(x, t, cond))
+        xf = _hp(x).to(eps.dtype)
         a = _bcast(self.schedule.alpha_bar(t, like=eps), eps)
-        x0 = ((x.float() - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-self.bound, self.bound)
-        return (x.float() - a.sqrt() * x0) / (1 - a).sqrt()
+        x0 = ((xf - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-self.bound, self.bound)
+        return (xf - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 def log_prob_grad(classifier: Callable[[torch.Tensor], torch.Tensor], to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -110,7 +113,7 @@ def log_prob_grad(classifier: Callable[[torch.Tensor], torch.Tensor], to_input: 
             inp = to_input(z) if to_input is not None else z
             views = augment(inp) if augment is not None else inp
             n = views.shape[0] // z.shape[0]
-            logp = torch.log_softmax(classifier(views).float(), dim=1)
+            logp = torch.log_softmax(_hp(classifier(views)), dim=1)  # fp32, or fp64 for exact comparisons
             total = logp.gather(1, y.repeat(n).view(-1, 1)).sum()
             (g,) = torch.autograd.grad(total, z)
         return g

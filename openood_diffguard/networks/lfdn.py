@@ -1,4 +1,4 @@
-"""LFDN: the residual-MLP feature denoiser of DLSR (seed 003; methods.md §3.2).
+"""LFDN: the residual-MLP feature denoiser of DLSR (NeurIPS 2024; released code xbyym/DLSR).
 
 x0-parameterised: given a noisy feature vector z_t and t it predicts z_0. Layout as the official
 config: SiLU -> Linear(d_in -> width) input projection (activation before the projection, as coded);
@@ -7,10 +7,15 @@ Linear(d_in -> d_in); ``blocks`` residual blocks
     h = Lin(SiLU(GN(x))) + Lin(SiLU(emb));  x <- x + Lin0(Dropout(SiLU(GN(h))))
 with GN = GroupNorm(1 group) and Lin0 zero-initialised (each block starts as the identity); head
 GN -> SiLU -> zero-initialised Linear(width -> d_in). Width 1440, 16 blocks, d_in 720 = 86.7M parameters.
+
+The layout is the released ``ldm/modules/diffusionmodules/latent.py`` LFDN with ``time_embed_dim = in_channels``
+and ``bottleneck_channels = model_channels`` (its config); only the module names differ, so
+``from_released_state_dict`` / ``to_released_state_dict`` map weights between the two exactly.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -39,6 +44,47 @@ def _zero(layer: nn.Linear) -> nn.Linear:
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+#: package module path -> released module path (``ldm.modules.diffusionmodules.latent.LFDN``)
+_RELEASED_NAMES = ((r"^proj\.", "input_proj."), (r"^time\.", "time_embed."), (r"^head\.", "out."),
+                   (r"^blocks\.(\d+)\.inp\.", r"res_blocks.\1.in_layers."),
+                   (r"^blocks\.(\d+)\.emb\.", r"res_blocks.\1.emb_layers."),
+                   (r"^blocks\.(\d+)\.out\.", r"res_blocks.\1.out_layers."))
+_PACKAGE_NAMES = ((r"^input_proj\.", "proj."), (r"^time_embed\.", "time."), (r"^out\.", "head."),
+                  (r"^res_blocks\.(\d+)\.in_layers\.", r"blocks.\1.inp."),
+                  (r"^res_blocks\.(\d+)\.emb_layers\.", r"blocks.\1.emb."),
+                  (r"^res_blocks\.(\d+)\.out_layers\.", r"blocks.\1.out."))
+#: where the LFDN sits inside the released LFDM (``DiffusionWrapper.diffusion_model``)
+RELEASED_PREFIX = "model.diffusion_model."
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    raise KeyError(f"unexpected LFDN parameter name {key!r}")
+
+
+def to_released_state_dict(state: dict) -> dict:
+    """An ``LFDNet`` state dict under the released LFDN's parameter names (no LFDM prefix)."""
+    return {_rename(k, _RELEASED_NAMES): v for k, v in state.items()}
+
+
+def from_released_state_dict(state: dict, use_ema: bool = True) -> dict:
+    """A released LFDN (or whole LFDM, prefix ``model.diffusion_model.``) state dict -> ``LFDNet`` names.
+    With ``use_ema`` an LFDM's EMA copy is taken where present, as the released test code does (``ema_scope``;
+    ``LitEma`` stores ``model_ema.<parameter name without dots>``)."""
+    if any(k.startswith(RELEASED_PREFIX) for k in state):
+        bare = {}
+        for k, v in state.items():
+            if k.startswith(RELEASED_PREFIX):
+                name = k[len(RELEASED_PREFIX):]
+                ema = "model_ema." + ("diffusion_model." + name).replace(".", "")
+                bare[name] = state[ema] if use_ema and ema in state else v
+        state = bare
+    return {_rename(k, _PACKAGE_NAMES): v for k, v in state.items()}
 
 
 class ResBlock(nn.Module):

@@ -35,7 +35,8 @@ from openood.postprocessors import BasePostprocessor  # noqa: E402
 from openood.utils import Config  # noqa: E402
 
 from ..fusion.baselines import BASELINE_ARGS  # noqa: E402
-from ..cache import ScoreCache, cached_statistics, default_cache_root, module_fingerprint, namespace  # noqa: E402
+from ..cache import (ScoreCache, atomic_write, cached_statistics, default_cache_root,  # noqa: E402
+                     module_fingerprint, namespace)
 from .sections import (aps_flag, detector_from_section, fusion_detector_section, section,  # noqa: E402
                        split_wrapper_args, sweep_parameters)
 
@@ -55,7 +56,7 @@ class DetectorPostprocessor(BasePostprocessor):
             wrapper = split_wrapper_args(pp)[0]
         self.detector = detector
         self.cache_dir = wrapper.get("cache_dir")
-        self.use_disk_cache = bool(wrapper.get("cache", True))
+        self.use_disk_cache = wrapper.get("cache", True)  # parsed strictly: "false" is false
         self.args_dict = dict(pp.get("postprocessor_sweep") or {})
         self._sweep = sweep_parameters(self.args_dict, self.detector.params, type(self).__name__)
         expensive = [p for p in self._sweep if p not in self.detector.cheap_params]
@@ -71,7 +72,6 @@ class DetectorPostprocessor(BasePostprocessor):
 
     def _transient(self) -> None:
         self._stores: dict[str, ScoreCache] = {}
-        self._fingerprints: dict[int, str] = {}
         self._setup_for: int | None = None
 
     # ------------------------------------------------------------------ OpenOOD hooks
@@ -107,10 +107,12 @@ class DetectorPostprocessor(BasePostprocessor):
 
     # ------------------------------------------------------------------ cache
     def store(self, net: torch.nn.Module) -> ScoreCache:
-        """Score store of the detector's current expensive parameters and this classifier."""
-        if id(net) not in self._fingerprints:
-            self._fingerprints[id(net)] = module_fingerprint(net)
-        ns = namespace(self.detector.cache_key(), self._fingerprints[id(net)])
+        """Score store of the detector's current expensive parameters and this classifier's weights.
+
+        The classifier is hashed on every call (once per loader pass; a ResNet50 hash costs far less than its
+        forward over a test set): a memo by object would serve old scores after ``net.load_state_dict(...)``
+        or an in-place edit of the same object."""
+        ns = namespace(self.detector.cache_key(), module_fingerprint(net))
         if ns not in self._stores:
             root = (Path(self.cache_dir) if self.cache_dir else default_cache_root()) if self.use_disk_cache else None
             self._stores[ns] = ScoreCache(root, ns)
@@ -128,7 +130,7 @@ class DetectorPostprocessor(BasePostprocessor):
     # ------------------------------------------------------------------ pickling (scripts/eval_ood.py)
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # the detector drops its heavy models in its own __getstate__
-        for k in ("_stores", "_fingerprints", "_setup_for"):
+        for k in ("_stores", "_setup_for"):
             state.pop(k, None)
         return state
 
@@ -193,6 +195,7 @@ class FusionPostprocessor(BasePostprocessor):
         self.setup_flag = False
         self._fit_for: int | None = None
         self._calibration_data: tuple | None = None
+        self.routing: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ setup
     def _build_vim(self, net: torch.nn.Module) -> None:
@@ -224,10 +227,7 @@ class FusionPostprocessor(BasePostprocessor):
                 self._restore_knn(np.load(path, allow_pickle=False))
                 return
             self.baseline.setup(net, id_loader_dict, ood_loader_dict)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, self.baseline.activation_log)
-            tmp.replace(path)
+            atomic_write(path, lambda f: np.save(f, self.baseline.activation_log))  # all or nothing, per writer
             return
         self.baseline.setup(net, id_loader_dict, ood_loader_dict)
 
@@ -250,12 +250,21 @@ class FusionPostprocessor(BasePostprocessor):
         self.setup_flag = True
 
     def _calibrate(self) -> None:
-        """Fit the fusion on ID-val scores (plus OOD-val for rules that need it); cached, so cheap to redo."""
+        """Fit the fusion on ID-val scores (plus OOD-val for rules that need it); cached, so cheap to redo.
+        With a band (cascade, budget) the detector runs only on the val samples inside it: the band comes
+        from a first, baseline-only pass over ID-val (order-free: it needs the scores' distribution only)."""
         net, id_val, ood_val = self._calibration_data
         pick = lambda s: {"baseline": s["baseline"], "diffusion": s["diffusion"]}  # noqa: E731
-        id_scores = pick(self._scores(net, id_val, route=False))
-        ood_scores = pick(self._scores(net, ood_val, route=False)) if self.fusion.uses_ood_val else None
+        routed = self.fusion.rule.routes
+        if routed:
+            self.fusion.fit_band(self._baseline_only(net, id_val))
+        id_scores = pick(self._scores(net, id_val, route=routed))
+        ood_scores = pick(self._scores(net, ood_val, route=routed)) if self.fusion.uses_ood_val else None
         self.fusion.fit(id_scores, ood_scores)
+
+    def _baseline_only(self, net: torch.nn.Module, loader: Any) -> np.ndarray:
+        device = next(net.parameters()).device
+        return np.concatenate([self._baseline_batch(net, batch["data"].to(device))[1].numpy() for batch in loader])
 
     # ------------------------------------------------------------------ scoring
     def _baseline_batch(self, net: torch.nn.Module, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +276,7 @@ class FusionPostprocessor(BasePostprocessor):
         """One pass: baseline on every batch, diffusion statistics where routed (cached)."""
         def hook(data: torch.Tensor):
             pred, b = self._baseline_batch(net, data)
-            mask = self.fusion.route(b.numpy()) if route and self.fusion.is_fitted else None
+            mask = self.fusion.route(b.numpy()) if route and self.fusion.band_ecdf is not None else None
             return mask, {"baseline": b, "pred": pred}
 
         out = self.diffusion.scored(net, loader, progress, batch_hook=hook)
@@ -279,13 +288,23 @@ class FusionPostprocessor(BasePostprocessor):
 
     def postprocess(self, net: torch.nn.Module, data: torch.Tensor):
         pred, b = self._baseline_batch(net, data)
-        _, d = self.diffusion.postprocess(net, data)
-        return pred, torch.as_tensor(self.fusion({"baseline": b.numpy(), "diffusion": d.cpu().numpy()}))
+        fused, _ = self.fusion.fuse_batch(b.numpy(), lambda x: self.diffusion.postprocess(net, x)[1].cpu(), data)
+        self._log_routing(self.fusion.route(b.numpy()))
+        return pred, torch.as_tensor(fused)
 
     def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True):
         s = self._scores(net, data_loader, progress=progress)
         conf = np.asarray(self.fusion({"baseline": s["baseline"], "diffusion": s["diffusion"]}), dtype=np.float64)
+        self._log_routing(s["selected"], progress)
         return s["pred"].astype(int), conf, s["label"].astype(int)
+
+    def _log_routing(self, selected: np.ndarray, show: bool = False) -> None:
+        """``routing``: (routed, total) per inference / postprocess call, the realised share of the budget."""
+        self.routing.append((int(np.sum(selected)), int(np.size(selected))))
+        if show and self.fusion.rule.routes:
+            k, n = self.routing[-1]
+            print(f"diffguard_fusion: {k} of {n} samples ({100 * k / max(n, 1):.1f} %) reached the diffusion "
+                  f"detector (band: {100 * self.fusion.expected_routed_fraction:.1f} % of ID)", flush=True)
 
     # ------------------------------------------------------------------ APS
     def set_hyperparam(self, hyperparam: list) -> None:
@@ -298,8 +317,9 @@ class FusionPostprocessor(BasePostprocessor):
             self.fusion.set_params(**rule)
         if det:
             self.diffusion.detector.set_params(**det)
-            if self._fit_for is not None:  # the detector's scores changed: refit the calibration (cached rows)
-                self._calibrate()
+        if self._fit_for is not None and (det or self.fusion.missing_fit):
+            # the detector's scores changed, or the band moved onto val samples not scored yet: refit (cached rows)
+            self._calibrate()
 
     def get_hyperparam(self) -> list:
         params = {**self.diffusion.detector.params, **self.fusion.get_params()}

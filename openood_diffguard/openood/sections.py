@@ -11,6 +11,23 @@ from pathlib import Path
 from typing import Any, Mapping
 
 WRAPPER_KEYS = ("detector", "cache_dir", "cache")
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    """A yml / command-line boolean: true/false, yes/no, 1/0 (any case, also as strings); else an error naming
+    ``key``. (``bool("false")`` is True: a quoted ``cache: "false"`` used to leave the disk cache on.)"""
+    import numpy as np
+
+    from ..detectors.base import ParameterError
+
+    if isinstance(value, (bool, np.bool_)):  # numpy bools from APS grids
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ParameterError(f"{key} must be true or false (also yes/no, 1/0), got {value!r}")
 
 
 def plain(obj: Any) -> Any:
@@ -45,7 +62,7 @@ def sweep_parameters(sweep: Mapping[str, Any], allowed: Mapping[str, Any], owner
 
 
 def aps_flag(pp: Mapping[str, Any], sweep: Mapping[str, Any], owner: str) -> bool:
-    aps = bool(pp.get("APS_mode", False))
+    aps = parse_bool(pp.get("APS_mode", False), f"{owner}: postprocessor.APS_mode")
     if aps and not sweep:
         # OpenOOD's Evaluator recurses forever on an empty grid: refuse early, with the fix
         raise ValueError(f"{owner}: APS_mode is True but postprocessor_sweep is empty; add <param>_list "
@@ -59,6 +76,8 @@ def split_wrapper_args(pp: Mapping[str, Any]) -> tuple[dict, dict]:
     """``(wrapper keys, detector args)`` of a detector section (``cache_dir`` with ``~`` expanded)."""
     args = dict(pp.get("postprocessor_args") or {})
     wrapper = {k: args.pop(k) for k in WRAPPER_KEYS if k in args}
+    if "cache" in wrapper:
+        wrapper["cache"] = parse_bool(wrapper["cache"], "postprocessor_args.cache")
     if wrapper.get("cache_dir"):
         wrapper["cache_dir"] = str(Path(wrapper["cache_dir"]).expanduser())
     return wrapper, args

@@ -21,5 +21,7 @@ DIFFUSION_TRAIN: dict[str, Any] = {"num_classes": None, "unet": CIFAR_UNET, "ste
 #: ``train-lfdn`` (the DLSR paper's recipe and network size)
 LFDN_TRAIN: dict[str, Any] = {"width": 1440, "blocks": 16, "dropout": 0.0, "epochs": 150, "batch_size": 128,
                               "lr": 1e-4, "weight_decay": 1e-4, "ema": 0.0, "seed": 0}
+#: the released code's training recipe (main.py defaults, config/Config.yaml), ``variant: code``'s defaults
+LFDN_CODE_TRAIN: dict[str, Any] = {**LFDN_TRAIN, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.02, "ema": 0.9999}
 #: ``train-lfdn --network``: OpenOOD's classifiers by name (else ``package.module:Class``)
 OPENOOD_NETWORKS = {"resnet18_32x32": "ResNet18_32x32", "resnet18_224x224": "ResNet18_224x224", "resnet50": "ResNet50"}

@@ -1,35 +1,71 @@
-"""Train LFDN on standardised classifier features of ID training data (``openood-diffguard train-lfdn``).
+"""Train LFDN on normalised classifier features of ID training data (``openood-diffguard train-lfdn``).
 
-Objective (seed 003 Alg. 1): || z0 - LFDN(z_t, t) ||^2 with t ~ U{0..T-1}, z_t = sqrt(a_t) z0 +
-sqrt(1 - a_t) eps. Defaults follow the paper (AdamW lr 1e-4, weight decay 1e-4, batch 128, 150 epochs);
-the released config used lr 1e-5 / wd 0.02 / batch 256. The raw weights after epoch 1 are kept as the
-"first-epoch" model of the LR score. Checkpoints hold only tensors, numbers and strings, so they load with
-``torch.load(weights_only=True)``.
+Objective (DLSR paper, Alg. 1): || z0 - LFDN(z_t, t) ||^2 with t ~ U{0..T-1}, z_t = sqrt(a_t) z0 +
+sqrt(1 - a_t) eps. ``TRAIN_DEFAULTS`` follow the paper (AdamW lr 1e-4, weight decay 1e-4, batch 128,
+150 epochs, no EMA); ``CODE_TRAIN`` are the released code's (``main.py``: lr 1e-5, weight decay 0.02,
+batch 256; EMA 0.9999 with LitEma's warm-up min(decay, (1 + n) / (10 + n)), the EMA weights used at test) and
+the defaults of ``variant: code``. The weights after epoch 1 (the EMA copy when EMA is on, as the code's
+``checkpoint-0.pth`` read through ``ema_scope``) are the "first-epoch" model of the LR score. ``z0`` is
+normalised as the detector's variant needs (``features.FEATURE_NORMS``); the checkpoint records which.
+Checkpoints hold only tensors, numbers and strings, so they load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..features import FeatureStandardizer, extract_features
+from ..features import FEATURE_NORMS, FeatureStandardizer, extract_features, layer_normalize
 from ..networks.lfdn import LFDN_SCHEDULE, LFDNet, lfdn_schedule
 
-FORMAT = "openood-diffguard/lfdn-v1"
-from .defaults import LFDN_TRAIN as TRAIN_DEFAULTS  # noqa: E402  (plain data, shared with `train-lfdn --help`)
+FORMAT = "openood-diffguard/lfdn-v2"
+_FORMATS = ("openood-diffguard/lfdn-v1", FORMAT)  # v1: standardised features only, no widths / feature_norm
+# plain data, shared with `train-lfdn --help` (which imports no torch)
+from .defaults import LFDN_CODE_TRAIN as CODE_TRAIN  # noqa: E402
+from .defaults import LFDN_TRAIN as TRAIN_DEFAULTS  # noqa: E402
+_INTS = ("width", "blocks", "epochs", "batch_size", "seed")
+
+
+def check_train_options(config: Mapping[str, Any] | None, owner: str = "LFDN training") -> None:
+    """Unknown keys, wrong types and out-of-range values of training options -> an error naming the option."""
+    from ..detectors.base import ParameterError
+
+    if config is None:
+        return
+    if not isinstance(config, Mapping):
+        raise ParameterError(f"{owner}: must be a mapping of training options, got {config!r}")
+    unknown = set(config) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ParameterError(f"{owner}: unknown option(s) {sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
+    for k, v in config.items():
+        numeric = not isinstance(v, bool) and isinstance(v, (int, float))
+        if not numeric or (k in _INTS and not float(v).is_integer()):
+            raise ParameterError(f"{owner}: option {k!r} must be {'an integer' if k in _INTS else 'a number'}, got {v!r}")
+        low, low_open = {"dropout": (0, False), "ema": (0, False), "lr": (0, True), "weight_decay": (0, False),
+                         "seed": (0, False)}.get(k, (1, False))
+        high = 1 if k in ("dropout", "ema") else None
+        if (v <= low if low_open else v < low) or (high is not None and v >= high):
+            bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+            raise ParameterError(f"{owner}: option {k!r} must be {bound}, got {v!r}")
+
+
+def train_config(config: Mapping[str, Any] | None = None, variant: str = "ours") -> dict[str, Any]:
+    """The full training options: the variant's defaults (``CODE_TRAIN`` for code) updated by ``config``."""
+    check_train_options(config)
+    base = CODE_TRAIN if variant == "code" else TRAIN_DEFAULTS
+    cfg = {**base, **(config or {})}
+    return {k: int(v) if k in _INTS else float(v) for k, v in cfg.items()}
 
 
 def train_lfdn(z0: torch.Tensor, config: dict | None = None, progress: bool = True,
                device: torch.device | str | None = None) -> dict[str, Any]:
-    """Train on standardised features ``z0`` [N, D]. Returns {"final", "first": LFDNet, "history": [epoch losses]}."""
-    cfg = {**TRAIN_DEFAULTS, **(config or {})}
-    unknown = set(cfg) - set(TRAIN_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown LFDN training option(s) {sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
+    """Train on normalised features ``z0`` [N, D]. Returns {"final", "first": LFDNet, "history": [epoch losses]}."""
+    cfg = train_config(config)
     if z0.ndim != 2 or not torch.isfinite(z0).all():
         raise ValueError(f"LFDN trains on finite features [N, D], got shape {tuple(z0.shape)}")
     device = torch.device(device) if device is not None else z0.device
@@ -41,7 +77,7 @@ def train_lfdn(z0: torch.Tensor, config: dict | None = None, progress: bool = Tr
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     z0 = z0.to(device)
     N, bs, T = z0.shape[0], int(cfg["batch_size"]), sched.num_train_timesteps
-    history, first = [], None
+    history, first, updates = [], None, 0
     for epoch in tqdm(range(int(cfg["epochs"])), disable=not progress, desc="LFDN training"):
         net.train()
         perm = torch.randperm(N, generator=gen).to(device)
@@ -54,46 +90,101 @@ def train_lfdn(z0: torch.Tensor, config: dict | None = None, progress: bool = Tr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if ema is not None:
+            if ema is not None:  # LitEma: the decay warms up as min(decay, (1 + n) / (10 + n))
+                updates += 1
+                decay = min(cfg["ema"], (1 + updates) / (10 + updates))
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), net.parameters()):
-                        pe.lerp_(p, 1 - cfg["ema"])
+                        pe.lerp_(p, 1 - decay)
             total += float(loss.detach()) * z.shape[0]
         history.append(total / N)
         if epoch == 0:
-            first = copy.deepcopy(net).eval()
+            first = copy.deepcopy(ema if ema is not None else net).eval()
     final = (ema if ema is not None else net).eval()
     return {"final": final, "first": first, "history": history, "config": cfg}
 
 
 def classifier_hash(net: torch.nn.Module) -> str:
-    """Content hash of a classifier's weights (cache key for on-the-fly LFDN training)."""
+    """Content hash of a classifier's weights: the LFDN checkpoint's ``classifier_hash`` (a checkpoint is only
+    used with the classifier it was trained on) and part of the on-the-fly cache key. A DataParallel
+    ``module.`` prefix is ignored."""
     h = hashlib.sha256()
     for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
+        h.update(k.removeprefix("module.").encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:16]
 
 
+def _tensor_bytes(x: Any) -> bytes:
+    x = torch.as_tensor(x).detach().cpu().contiguous()
+    return f"{tuple(x.shape)}{x.dtype}".encode() + (x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+
+
+def loader_identity(loader: Iterable) -> str:
+    """Identity of the ID training data behind a loader, for the on-the-fly checkpoint's cache key.
+
+    An OpenOOD image-list dataset (``imglist`` lines + ``data_dir``) is identified by its image list, image
+    folder, transform and length, without reading images: ``main.py``'s augmented train loader and the
+    Evaluator's plain one differ by their transforms. Any other loader by the content of its samples
+    (order-free, so a shuffling loader keeps its key; a randomly augmenting one gets a new key per pass)."""
+    from ..cache import _transform_repr
+
+    ds = getattr(loader, "dataset", None)
+    h = hashlib.sha256()
+    imglist = getattr(ds, "imglist", None)
+    if isinstance(imglist, (list, tuple)) and all(isinstance(line, str) for line in imglist) and hasattr(ds, "data_dir"):
+        transform = getattr(ds, "transform_image", None) or getattr(ds, "transform", None)
+        h.update(repr((type(ds).__name__, os.path.abspath(str(ds.data_dir)), len(ds), _transform_repr(transform))).encode())
+        for line in imglist:
+            h.update(line.encode())
+        return "imglist:" + h.hexdigest()[:20]
+    rows = []
+    for batch in loader:
+        x, y = (batch["data"], batch.get("label")) if isinstance(batch, Mapping) else (batch[0], batch[1])
+        x = torch.as_tensor(x).detach().cpu().contiguous()
+        y = torch.zeros(len(x)) if y is None else torch.as_tensor(y).cpu()
+        rows += [hashlib.sha256(_tensor_bytes(xi) + _tensor_bytes(yi)).digest() for xi, yi in zip(x, y)]
+    for r in sorted(rows):
+        h.update(r)
+    return f"content:{len(rows)}:" + h.hexdigest()[:20]
+
+
+def normalize_features(feats: torch.Tensor, widths: Sequence[int], feature_norm: str
+                       ) -> tuple[torch.Tensor, FeatureStandardizer | None]:
+    """(z0, fitted standardiser or None) for one of ``features.FEATURE_NORMS``."""
+    if feature_norm not in FEATURE_NORMS:
+        raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+    if feature_norm == "standardize":
+        std = FeatureStandardizer.fit(feats, list(widths))
+        return std(feats), std
+    return layer_normalize(feats, widths, feature_norm), None
+
+
 def fit_lfdn(net: torch.nn.Module, loader: Iterable, layers: Sequence[int], config: dict | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Features of ``net`` over the ID train ``loader`` -> standardiser + trained LFDN, as a checkpoint dict."""
+             progress: bool = True, feature_norm: str = "standardize") -> dict[str, Any]:
+    """Features of ``net`` over the ID train ``loader`` -> normalised (``feature_norm``) -> trained LFDN, as a
+    checkpoint dict."""
     net.eval()
     feats, widths = extract_features(net, loader, layers, progress=progress)
-    std = FeatureStandardizer.fit(feats, widths)
+    z0, std = normalize_features(feats, widths, feature_norm)
     device = next(net.parameters()).device
-    result = train_lfdn(std(feats).to(device), config, progress=progress)
-    return make_checkpoint(result, std, layers, classifier_hash(net))
+    result = train_lfdn(z0.to(device), config, progress=progress)
+    return make_checkpoint(result, std, layers, classifier_hash(net), widths=widths, feature_norm=feature_norm)
 
 
-def make_checkpoint(result: dict, standardizer: FeatureStandardizer, layers: Sequence[int], clf_hash: str) -> dict:
+def make_checkpoint(result: dict, standardizer: FeatureStandardizer | None, layers: Sequence[int], clf_hash: str,
+                    widths: Sequence[int] | None = None, feature_norm: str = "standardize") -> dict:
+    if widths is None:
+        widths = standardizer.widths
     return {
         "format": FORMAT,
         "net_config": result["final"].config,
         "train_config": {k: v for k, v in result["config"].items()},
         "schedule": dict(LFDN_SCHEDULE),
         "layers": [int(i) for i in layers],
-        "standardizer": standardizer.state_dict(),
+        "widths": [int(w) for w in widths],
+        "feature_norm": feature_norm,
+        "standardizer": None if standardizer is None else standardizer.state_dict(),
         "final": {k: v.cpu() for k, v in result["final"].state_dict().items()},
         "first": None if result["first"] is None else {k: v.cpu() for k, v in result["first"].state_dict().items()},
         "history": [float(x) for x in result["history"]],
@@ -111,8 +202,9 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """-> {"final", "first" (LFDNet or None), "standardizer", "layers", "schedule", "classifier_hash", "history"}.
-    Raises with the path and what to put there for missing, corrupt or mismatched files."""
+    """-> {"final", "first" (LFDNet or None), "standardizer" (or None), "widths", "feature_norm", "layers",
+    "schedule", "classifier_hash", "history"}. Raises with the path and what to put there for missing, corrupt
+    or mismatched files."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LFDN checkpoint not found at {path}: train one with `openood-diffguard train-lfdn "
@@ -121,8 +213,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt / not a torch file
         raise RuntimeError(f"could not read LFDN checkpoint {path}: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in _FORMATS:
         raise ValueError(f"{path} is not an LFDN checkpoint written by openood-diffguard (format {FORMAT!r})")
+    if ckpt["format"] != FORMAT:  # v1: always standardised features
+        ckpt = {**ckpt, "feature_norm": "standardize", "widths": [int(w) for w in ckpt["standardizer"]["widths"]]}
+    if ckpt["feature_norm"] not in FEATURE_NORMS or (ckpt["feature_norm"] == "standardize") != (ckpt["standardizer"] is not None):
+        raise ValueError(f"LFDN checkpoint {path}: inconsistent feature_norm {ckpt['feature_norm']!r} / standardiser")
     models = {}
     for key in ("final", "first"):
         if ckpt[key] is None:
@@ -135,9 +231,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"LFDN checkpoint {path} ({key} model) does not match its own net_config "
                              f"{ckpt['net_config']}: {err}") from err
         models[key] = m.eval()
-    return {**models, "standardizer": FeatureStandardizer.from_state_dict(ckpt["standardizer"]),
-            "layers": list(ckpt["layers"]), "schedule": ckpt["schedule"], "classifier_hash": ckpt["classifier_hash"],
-            "history": ckpt["history"]}
+    std = None if ckpt["standardizer"] is None else FeatureStandardizer.from_state_dict(ckpt["standardizer"])
+    return {**models, "standardizer": std, "widths": [int(w) for w in ckpt["widths"]],
+            "feature_norm": ckpt["feature_norm"], "layers": list(ckpt["layers"]), "schedule": ckpt["schedule"],
+            "classifier_hash": ckpt["classifier_hash"], "history": ckpt["history"]}
 
 
 # ------------------------------------------------------------------------------------------ CLI

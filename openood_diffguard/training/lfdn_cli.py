@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 
 from ..devices import add_device_argument
-from .defaults import LFDN_TRAIN, OPENOOD_NETWORKS
+from .defaults import LFDN_CODE_TRAIN, LFDN_TRAIN, OPENOOD_NETWORKS
 
+_INTS = ("width", "blocks", "epochs", "batch_size", "seed")
 _HELP = {
     "width": "hidden width of the residual MLP blocks (paper: 1440; 256-512 train in minutes on a CPU)",
     "blocks": "residual MLP blocks (paper: 16)",
@@ -39,10 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="1-based indices into the classifier's feature list (DLSR's ResNet50 setting: 1,2,3)")
     p.add_argument("--out", required=True, help="checkpoint path to write (.pt)")
     p.add_argument("--feature-batch-size", type=int, default=256, help="images per feature-extraction batch")
-    for name in ("width", "blocks", "epochs", "batch_size", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=LFDN_TRAIN[name], help=_HELP[name])
-    for name in ("lr", "weight_decay", "ema", "dropout"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=LFDN_TRAIN[name], help=_HELP[name])
+    p.add_argument("--variant", default="code", choices=("code", "paper", "ours"),
+                   help="the LFDN detector variant the checkpoint is for: its feature normalisation and, for code, "
+                        "the released code's training recipe as the defaults below")
+    for name in LFDN_TRAIN:
+        default = (f"default {LFDN_TRAIN[name]}" if LFDN_TRAIN[name] == LFDN_CODE_TRAIN[name]
+                   else f"default {LFDN_TRAIN[name]}; with --variant code {LFDN_CODE_TRAIN[name]}")
+        p.add_argument("--" + name.replace("_", "-"), type=int if name in _INTS else float, default=None,
+                       metavar="N" if name in _INTS else "X", help=f"{_HELP[name]} ({default})")
     add_device_argument(p)
 
 
@@ -61,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..devices import resolve_device
     from .data import ImageListDataset
-    from .lfdn import _Normalised, build_classifier, fit_lfdn, save_checkpoint
+    from ..detectors.lfdn import VARIANTS
+    from .lfdn import _Normalised, build_classifier, fit_lfdn, save_checkpoint, train_config
 
     device = resolve_device(args.device)
     layers = _layers(args.layers)
@@ -69,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     data = _Normalised(ImageListDataset(args.imglist, args.data_root, args.image_size, args.channels), args.normalization,
                        args.channels)
     loader = torch.utils.data.DataLoader(data, batch_size=args.feature_batch_size, shuffle=False)
-    cfg = {k: getattr(args, k) for k in LFDN_TRAIN}
-    ckpt = fit_lfdn(net, loader, layers, cfg)
+    cfg = train_config({k: getattr(args, k) for k in LFDN_TRAIN if getattr(args, k) is not None}, args.variant)
+    ckpt = fit_lfdn(net, loader, layers, cfg, feature_norm=VARIANTS[args.variant]["feature_norm"])
     path = save_checkpoint(ckpt, args.out)
-    print(f"LFDN checkpoint {path} (final loss {ckpt['history'][-1]:.4f}); use it as postprocessor_args.checkpoint")
+    print(f"LFDN checkpoint {path} (final loss {ckpt['history'][-1]:.4f}); use it as postprocessor_args.checkpoint "
+          f"with variant: {args.variant}")
     return 0
