@@ -13,8 +13,8 @@ import torch
 
 pytestmark = pytest.mark.openood
 
-from openood_bench import (OPENOOD_ROOT, build_bench, check_evaluator_rows, check_main_py_csv,  # noqa: E402
-                           load_net, main_py_argv)
+from openood_bench import (build_bench, check_evaluator_rows, check_main_py_csv, load_net, main_py_argv,  # noqa: E402
+                           openood_root)
 
 if torch.cuda.is_available():  # pragma: no cover - the point is a machine without CUDA
     pytest.skip("this machine has CUDA", allow_module_level=True)
@@ -49,7 +49,7 @@ def test_main_py_builtin_postprocessor_on_cpu(bench, monkeypatch, console):
 
     cuda_before = torch.Tensor.cuda
     monkeypatch.chdir(bench)
-    argv = main_py_argv(bench, OPENOOD_ROOT / "configs" / "postprocessors" / "msp.yml", "--mark", "cpu_msp")
+    argv = main_py_argv(bench, openood_root() / "configs" / "postprocessors" / "msp.yml", "--mark", "cpu_msp")
     assert main(argv) == 0  # --device auto: no CUDA here, so OpenOOD runs on the CPU
     assert torch.Tensor.cuda is cuda_before  # the CPU routing ends with the run
     check_main_py_csv(next(p for p in (bench / "results").rglob("ood.csv") if "cpu_msp" in str(p)))
@@ -83,7 +83,7 @@ def test_evaluator_on_cpu_after_register(bench, no_download):
     register()  # device="auto": no CUDA, so OpenOOD's .cuda() calls go to the CPU from now on
     try:
         ev = Evaluator(load_net(bench), id_name="cifar10", data_root=str(bench / "data"),
-                       config_root=str(OPENOOD_ROOT / "configs"), postprocessor_name="msp", batch_size=16,
+                       config_root=str(openood_root() / "configs"), postprocessor_name="msp", batch_size=16,
                        num_workers=0)
         check_evaluator_rows(ev, ev.eval_ood(progress=False))
     finally:
@@ -140,7 +140,7 @@ def test_custom_image_list_benchmark_through_the_evaluator_offline(tmp_path, no_
     register()
     try:
         ev = Evaluator(net, id_name="digits6", data_root=str(tmp_path / "my_data"), postprocessor_name="msp",
-                       config_root=str(OPENOOD_ROOT / "configs"), batch_size=8, num_workers=0)
+                       config_root=str(openood_root() / "configs"), batch_size=8, num_workers=0)
         table = ev.eval_ood(progress=False)
     finally:
         release_openood_device()
@@ -154,7 +154,7 @@ def test_custom_image_list_benchmark_through_the_evaluator_offline(tmp_path, no_
     (tmp_path / "my_data" / "lists" / "noise.txt").unlink()
     with pytest.raises(FileNotFoundError, match="noise.txt.*never downloaded"):
         Evaluator(net, id_name="digits6", data_root=str(tmp_path / "my_data"), postprocessor_name="msp",
-                  config_root=str(OPENOOD_ROOT / "configs"), batch_size=8, num_workers=0)
+                  config_root=str(openood_root() / "configs"), batch_size=8, num_workers=0)
 
 
 def test_register_benchmark_refuses_bad_input():
