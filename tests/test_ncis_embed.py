@@ -140,7 +140,6 @@ def _tiny_tokenizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    pytest.importorskip("transformers")
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
