@@ -82,7 +82,8 @@ def digits_setup(work: Path, device: torch.device) -> Setup:
     return Setup("digits", net, tensors, data.loader("id", "train", 128), dets, id_loaders,
                  [f"`openood-diffguard demo` models (full preset: classifier {cfg.classifier_epochs} epochs, UNet "
                   f"{cfg.diffusion_steps} steps), its detectors (DiffGuard DDIM-{cfg.diffguard_steps} CFG, DiffNB t "
-                  f"{cfg.diffnb_timesteps} R {cfg.diffnb_repeats}, LFDN MFsim trained in setup)"])
+                  f"{dets['DiffNB'].settings()['timesteps']} R {cfg.diffnb_repeats}, "
+                  "LFDN MFsim trained in setup)"])
 
 
 def subsample(n_items: int, n: int | None, seed: int) -> np.ndarray:

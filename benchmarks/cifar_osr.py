@@ -4,7 +4,7 @@
     python benchmarks/cifar_osr.py --tiny                # CPU smoke run (few hundred images, < 4 min)
 
 Steps (each cached under --work, git-ignored; a re-run resumes / reuses what is there, --fresh redoes it):
- 1. verify /work/shared/data/cifar10/cifar10-jpeg.tar.gz against sha256sums.txt, extract, decode to uint8
+ 1. verify the CIFAR-10 JPEG export (cifar10-jpeg.tar.gz, in --data-dir) against sha256sums.txt, extract, decode to uint8
     arrays; ID val = the last --val-per-class train images of each known class (held out from training,
     used only to calibrate the fusions), ID test = test images of the known classes, OOD = the unknown ones;
  2. train OpenOOD's ResNet18_32x32 (``openood_diffguard.networks``; key-identical to OpenOOD's) on the known
@@ -23,6 +23,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import platform
 import sys
 import tarfile
@@ -40,9 +41,10 @@ from openood_diffguard.metrics import format_table, ood_metrics  # noqa: E402
 from openood_diffguard.space import ImageSpace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data/cifar10")
+#: folder with cifar10-jpeg.tar.gz + sha256sums.txt: --data-dir, else $OPENOOD_DIFFGUARD_CIFAR10, else benchmarks/_work/data
+DATA = Path(os.environ.get("OPENOOD_DIFFGUARD_CIFAR10", ROOT / "benchmarks" / "_work" / "data"))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-KNOWN, UNKNOWN = [0, 1, 2, 3, 4, 5], [6, 7, 8, 9]  # split A of /work/shared/data/README.md
+KNOWN, UNKNOWN = [0, 1, 2, 3, 4, 5], [6, 7, 8, 9]  # split A: the first six classes are known
 BASELINES = {"ebo": "EBO", "mls": "MLS", "knn": "KNN", "vim": "ViM"}  # pytorch-ood key -> row name
 DETECTOR_GROUPS = ("DiffGuard", "DiffNB", "LFDN")
 STAGES = ("data", "classifier", "diffusion", "lfdn", "scores", "report")
@@ -228,7 +230,7 @@ def fit_or_load_lfdn(net, splits, space, work: Path, o: dict, device, fresh: boo
 
 
 def preset_args(name: str) -> dict:
-    return dict(yaml.safe_load((ROOT / "configs" / "postprocessors" / f"{name}.yml").read_text())["postprocessor"]
+    return dict(yaml.safe_load((ROOT / "openood_diffguard" / "configs" / "postprocessors" / f"{name}.yml").read_text())["postprocessor"]
                 ["postprocessor_args"])
 
 
@@ -373,7 +375,7 @@ def report(scores: dict, args, o: dict, device, facts: dict, out: Path) -> None:
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- device: {hardware(device)}; torch {torch.__version__}, python {platform.python_version()}",
              f"- command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`".replace(" `", " `", 1),
-             f"- data: /work/shared/data/cifar10 JPEG export (sha256 verified); ID = known classes {KNOWN} "
+             f"- data: CIFAR-10 JPEG export (sha256 verified); ID = known classes {KNOWN} "
              f"({', '.join(CLASSES[k] for k in KNOWN)}), OOD = unknown {UNKNOWN} ({', '.join(CLASSES[k] for k in UNKNOWN)})",
              f"- sizes: train {facts['n_train']} / ID val {len(scores['val']['label'])} (held-out train "
              f"images, fusion calibration only) / ID test {len(test['label'])} / OOD test {len(ood['label'])}",
@@ -407,8 +409,8 @@ def report(scores: dict, args, o: dict, device, facts: dict, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: few hundred images, tiny models (< 4 min)")
-    p.add_argument("--data-dir", default=None, help=f"folder with cifar10-jpeg.tar.gz + sha256sums.txt (default "
-                   f"{DATA}, else benchmarks/_work/data: copy them there to carry them to another machine)")
+    p.add_argument("--data-dir", default=None, help="folder with cifar10-jpeg.tar.gz + sha256sums.txt (default "
+                   "$OPENOOD_DIFFGUARD_CIFAR10, else benchmarks/_work/data: copy them there to carry them along)")
     p.add_argument("--stop-after", choices=STAGES, default="report", help="end after this stage (re-runs resume)")
     p.add_argument("--only", nargs="+", choices=["baselines", *DETECTOR_GROUPS], default=None,
                    help="score only these method groups in this call (the report needs all of them)")
@@ -433,7 +435,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t_start = time.perf_counter()
 
-    data_dir = Path(args.data_dir) if args.data_dir else DATA if DATA.is_dir() else ROOT / "benchmarks" / "_work" / "data"
+    data_dir = Path(args.data_dir) if args.data_dir else DATA
     splits = load_splits(extract(data_dir, work.parent if args.work is None else work), work, o)
     print("data: " + ", ".join(f"{s} {len(y)}" for s, (_, y) in splits.items()), flush=True)
     stop = STAGES.index(args.stop_after)

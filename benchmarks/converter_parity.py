@@ -1,6 +1,6 @@
 """Parity of the converters against fixtures made by ``make_parity_fixtures.py`` (original code outputs).
 
-    PYTHONPATH=. python benchmarks/converter_parity.py /work/scratch/conv/fixtures [more dirs or .pt files]
+    PYTHONPATH=. python benchmarks/converter_parity.py <fixtures dir> [more dirs or .pt files]
 
 Each fixture is converted, written as a diffusers directory, re-loaded through the package's loaders and
 evaluated on the stored input; prints max |ours - original| / max |original| per output part.

@@ -7,12 +7,12 @@ Weights are random (speed does not depend on them; no checkpoint is needed). ``-
 architectures: ADM-256 as ``convert adm`` lays it out (UNet2DModel, 552.8 M params), DiT-XL/2-256 + SD-VAE,
 the DiffNB CIFAR UNet (35.7 M), with a torchvision ResNet50 / CIFAR ResNet18 classifier. Without it tiny
 stand-ins of the same kinds run (CPU smoke / relative numbers only). Hyperparameters come from
-``configs/postprocessors/diffguard_<preset>.yml``.
+the package's ``diffguard_<preset>`` preset yml.
 
 Counted per image: diffusion-network image-forwards (a CFG step counts 2, the unconditional twin counts),
 classifier image-forwards (each cutout counts) and mean AES stop index. The official pipeline's counts for
-comparison are in /work/shared/docs/anchors-gpu.md (main config: 246 UNet forwards + 496 ResNet50 crop
-passes per image at AES stop i = 59; lower bound 184). With random weights AES stops are arbitrary: pass
+comparison, from the official code (cure-lab/DiffGuard at 6125295): main config 246 UNet forwards + 496 ResNet50
+crop passes per image at AES stop i = 59; lower bound 184. With random weights AES stops are arbitrary: pass
 ``--no-aes`` for the fixed 90-step cap, or ``--fixed-stop N`` (all samples stop after N inversion steps).
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each fixture is ``{state_dict, flags, inputs, outputs}`` from a randomly initial
 (every parameter perturbed, so zero-initialised output layers are not trivially zero).
 
     python benchmarks/make_parity_fixtures.py --guided-diffusion <checkout> --latent-diffusion <checkout> \
-        --diffood <checkout> --out /work/scratch/conv/fixtures
+        --diffood <checkout> --out <fixtures dir>
 """
 from __future__ import annotations
 

@@ -9,9 +9,8 @@ do not change speed). Rows: diffguard_gdm_imagenet (ADM-256 as ``convert adm`` l
 AES replaced by a fixed stop after 60 inversion steps = the paper's "stops at t ≈ 600" scenario; its forwards
 then equal the official lower bound of 184/img), diffguard_dit_imagenet (DiT-XL/2 + SD-VAE, the LDM stand-in),
 diffguard_cifar10, diffnb_cifar10, lfdn_cifar10 (ResNet18 stages 1-4, 960-d), lfdn_imagenet (ResNet50
-stages 1-3, 1792-d). The GDM row is compared with the official implementation's measured cost on an H100
-(/work/shared/docs/anchors-gpu.md §2: 0.069 img/s as shipped, main config, AES stop 59; 246 UNet
-forwards/img). Not covered: diffguard_ldm_imagenet (no LDM builder with random weights here; DiT stands in)
+stages 1-3, 1792-d). The GDM row is compared with the official implementation's cost, the official code (cure-lab/DiffGuard at 6125295) timed by this project on one H100
+(0.069 img/s as shipped, main config exp6.1, AES stop 59; 246 UNet forwards/img). Not covered: diffguard_ldm_imagenet (no LDM builder with random weights here; DiT stands in)
 and diffnb_imagenet (its model is whatever pixel UNet the user trains).
 """
 from __future__ import annotations
@@ -34,12 +33,12 @@ import diffguard_speed  # noqa: E402
 import diffnb_speed  # noqa: E402
 import lfdn_speed  # noqa: E402
 
-#: the official DiffGuard GDM pipeline on one H100 (anchors-gpu.md §2, main config exp6.1, AES stop i = 59)
+#: the official DiffGuard GDM pipeline (cure-lab/DiffGuard at 6125295) timed on one H100: main config exp6.1, AES stop i = 59
 OFFICIAL_GDM = {"img_s": 0.069, "unet_fwd": 246, "img_s_speed_config": 0.161}
 
 #: per preset: full and tiny settings. minimal = fewest denoiser forwards per image the algorithm needs.
 #: GDM runs one batch size (16): with its warm-up batch it already takes ~1.5 min per dtype on an H100
-#: (ADM-256 peaks at bs 32-64 for bare forwards: anchors-gpu.md §1).
+#: (ADM-256 bare forwards peak at batch 32-64 on an H100).
 ROWS = {
     "diffguard_gdm_imagenet": dict(kind="diffguard", preset="gdm", fixed_stop=60, minimal=184,
                                    batches=[16], tiny=dict(batches=[2], steps=6, fixed_stop=3, minimal=3 + 2 * 5)),
@@ -193,13 +192,13 @@ def write(args, device: torch.device, results: list[dict]) -> None:
     speedcfg = [r for r in results if r["name"] == "diffguard_gdm_imagenet_speedcfg"]
     if speedcfg and not args.tiny:
         lines += ["", "DiffGuard GDM speed config (60 fixed inversion steps, reference = input, no twin) against the official "
-                  f"speed config on one H100 (anchors-gpu.md §2: {OFFICIAL_GDM['img_s_speed_config']} img/s as shipped, "
+                  f"speed config on one H100 ({OFFICIAL_GDM['img_s_speed_config']} img/s as shipped, "
                   "184 UNet forwards/img there, 122 here):", ""]
         lines += [f"- {r['dtype']}: {r['img_s']:.3f} img/s = **{r['img_s'] / OFFICIAL_GDM['img_s_speed_config']:.1f}x** the "
                   "official speed config" for r in speedcfg]
     gdm = [r for r in results if r["name"] == "diffguard_gdm_imagenet"]
     if gdm and not args.tiny:
-        lines += ["", "DiffGuard GDM (ADM-256) against the official implementation on one H100 (anchors-gpu.md §2: "
+        lines += ["", "DiffGuard GDM (ADM-256) against the official implementation on one H100 ("
                   f"{OFFICIAL_GDM['img_s']} img/s as shipped, main config, {OFFICIAL_GDM['unet_fwd']} UNet forwards/img; "
                   f"speed config {OFFICIAL_GDM['img_s_speed_config']} img/s):", ""]
         lines += [f"- {r['dtype']}: {r['img_s']:.3f} img/s = **{r['img_s'] / OFFICIAL_GDM['img_s']:.1f}x** the official "

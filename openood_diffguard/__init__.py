@@ -4,9 +4,11 @@ Flow of every detector, mirrored by the sub-packages:
 image (classifier-normalised) -> ``space`` (un-normalise, resize) -> ``diffusion`` (invert, synthesise)
 -> ``guidance`` (classifier / classifier-free, Grad-CAM masks) -> ``similarity`` (compare)
 -> ``detectors`` (score) -> ``fusion`` / ``openood`` (combine, plug into OpenOOD).
+
+Importing the package is cheap (no torch): sub-packages import what they need.
 """
-from ._compat import ensure_torchvision
+from ._compat import install_import_hook
 
-ensure_torchvision()
+install_import_hook()  # repairs a CPU-torch / CUDA-torchvision mismatch when torchvision is first imported
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written (setup.cfg reads it)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    pass  # no options
 
 
 def _version(name: str) -> str:
@@ -42,7 +42,7 @@ def collect() -> dict[str, str]:
 
         info["openood"] = f"importable ({Path(openood.__file__).parent})"
     except Exception as err:  # noqa: BLE001
-        info["openood"] = f"not installed ({type(err).__name__}); install from https://github.com/Jingkang50/OpenOOD"
+        info["openood"] = f"not available ({type(err).__name__}); optional: README 'Install' / docs/openood.md"
     info["cuda"] = f"{torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})" if torch.cuda.is_available() else "not available"
     info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     info["threads"] = str(torch.get_num_threads())

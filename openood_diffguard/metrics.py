@@ -162,13 +162,26 @@ def benchmark_table(id_triple: tuple, ood_triples: Mapping[str, tuple],
     return rows
 
 
-def format_table(rows: Mapping[str, OODMetrics], percent: bool = True, digits: int = 2) -> str:
-    """Markdown table; both FPR@95 conventions get their own, explicitly named column."""
+#: names and order of the metric columns in every table this package prints or writes (console, metrics.csv,
+#: ``fuse``, README): column name -> ``OODMetrics`` field
+METRIC_COLUMNS: dict[str, str] = {"AUROC": "auroc", "AUPR_IN": "aupr_in", "AUPR_OUT": "aupr_out",
+                                  "FPR@95_OpenOOD": "fpr95_ood_positive", "FPR@95_IDpos": "fpr95_id_positive",
+                                  "ACC": "acc"}
+#: the one-line explanation printed under those tables
+FPR_LEGEND = ("FPR@95_OpenOOD = ID flagged OOD at 95 % OOD recall (OpenOOD v1.5's FPR@95); FPR@95_IDpos = OOD "
+              "accepted at 95 % ID recall (the papers' FPR@95); metrics in %, conf higher = ID")
+
+
+def table_row(m: OODMetrics, percent: bool = True) -> list[float]:
+    """``m``'s values in ``METRIC_COLUMNS`` order (x100 with ``percent``)."""
     scale = 100.0 if percent else 1.0
-    head = ["", "FPR@95 (OOD+, OpenOOD)", "FPR@95 (ID+, papers)", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]
-    fields = ["fpr95_ood_positive", "fpr95_id_positive", "auroc", "aupr_in", "aupr_out", "acc"]
+    return [getattr(m, f) * scale for f in METRIC_COLUMNS.values()]
+
+
+def format_table(rows: Mapping[str, OODMetrics], percent: bool = True, digits: int = 2, name: str = "method") -> str:
+    """Markdown table with the ``METRIC_COLUMNS`` (both FPR@95 conventions, explicitly named)."""
+    head = [name, *METRIC_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in rows.items():
-        vals = [f"{getattr(m, f) * scale:.{digits}f}" for f in fields]
-        lines.append("| " + " | ".join([name, *vals]) + " |")
+    for key, m in rows.items():
+        lines.append("| " + " | ".join([key, *(f"{v:.{digits}f}" for v in table_row(m, percent))]) + " |")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Shared fixtures and the suite's skip policy.
 
-Tests marked ``openood`` need a real OpenOOD v1.5 (README, "Using it inside OpenOOD"). When OpenOOD is not
+Tests marked ``openood`` need a real OpenOOD v1.5 (docs/openood.md, "Install"). When OpenOOD is not
 installed they are skipped with that reason; when it is installed but does not import, they fail (a broken
 install must not pass as "skipped"). ``OPENOOD_DIFFGUARD_NO_SKIP=1`` (CI sets it) turns every skip, of a test
 or of a whole module at collection, into a failure: CI cannot go green while silently not running a test.
@@ -17,7 +17,7 @@ import openood_diffguard  # noqa: F401  (imported first: repairs torchvision bef
 torch.set_num_threads(2)
 
 NO_SKIP_ENV = "OPENOOD_DIFFGUARD_NO_SKIP"
-OPENOOD_MISSING = "OpenOOD is not installed (README, 'Using it inside OpenOOD'; CI installs the vendored 3c35632)"
+OPENOOD_MISSING = "OpenOOD is not installed (install: docs/openood.md; CI installs the vendored 3c35632)"
 
 
 def _no_skip() -> bool:
@@ -94,5 +94,5 @@ def quick_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo_out")
     cache = tmp_path_factory.mktemp("demo_cache")
-    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress", "--device", "cpu"]) == 0
     return out, cache

@@ -137,7 +137,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 # ---------------------------------------------------------------- bad input
 def test_missing_and_corrupt_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.pt.*README"):
+    with pytest.raises(FileNotFoundError, match="nothere.pt.*docs/checkpoints.md"):
         adm.convert(tmp_path / "nothere.pt", tmp_path / "o", TINY_ADM)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -191,7 +191,7 @@ def test_pickled_training_objects_need_explicit_trust(tmp_path):
 
 @pytest.mark.parametrize("preset, params", [("256x256_diffusion_uncond", 552_814_086), ("256x256_diffusion", 553_838_086)])
 def test_released_adm_presets_have_the_original_parameter_count(preset, params):
-    """Counts of the original guided-diffusion models (docs/anchors-gpu.md §1), built on the meta device."""
+    """Counts of the original guided-diffusion models (guided-diffusion's released 256x256 models), built on the meta device."""
     from diffusers import UNet2DModel
 
     with torch.device("meta"):

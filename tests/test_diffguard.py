@@ -155,7 +155,7 @@ def test_presets_are_complete_openood_ymls(preset):
 
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "postprocessors" / f"diffguard_{preset}.yml").read_text())
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "openood_diffguard" / "configs" / "postprocessors" / f"diffguard_{preset}.yml").read_text())
     pp = cfg["postprocessor"]
     assert pp["name"] == DiffGuard.name and pp["APS_mode"] is False
     args = pp["postprocessor_args"]

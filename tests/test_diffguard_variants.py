@@ -105,11 +105,11 @@ def test_variant_paper_is_its_explicit_values_end_to_end(tiny_unet):
                      inversion_convention="source", timestep_spacing="leading")),
 ])
 def test_presets_resolve_to_the_documented_behaviour(preset, expect):
-    from pathlib import Path
-
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "postprocessors" / f"diffguard_{preset}.yml").read_text())
+    from openood_diffguard.fusion.presets import preset_dir
+
+    cfg = yaml.safe_load((preset_dir() / f"diffguard_{preset}.yml").read_text())  # the package's presets
     eff = DiffGuard(**cfg["postprocessor"]["postprocessor_args"]).effective_params()
     assert {k: eff[k] for k in expect} == expect
 

@@ -251,7 +251,8 @@ def test_presets_parse_and_build(stem):
     cfg = load_fusion_preset(stem)
     assert cfg.baseline == stem.split("_")[2] and cfg.detector == "diffguard" and cfg.aps_mode
     assert cfg.detector_preset == ("diffguard_cifar10" if "cifar10" in stem else "diffguard_gdm_imagenet")
-    assert cfg.resolved_detector_args()["num_classes"] == (10 if "cifar10" in stem else 1000)
+    # CIFAR presets take the class count from the classifier (null: CIFAR-100 checkpoints work unchanged)
+    assert cfg.resolved_detector_args()["num_classes"] == (None if "cifar10" in stem else 1000)
     fusion = cfg.build_fusion()
     for values in itertools.product(*cfg.sweep.values()):
         fusion.set_params(**dict(zip(cfg.sweep, values)))  # every sweep point is a valid parameter set

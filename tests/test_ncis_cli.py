@@ -40,8 +40,9 @@ def test_ncis_stages_end_to_end_and_resume(setup, capsys):
     assert main(["ncis", "embed", "--work", str(work), *common, "--image-folder", str(setup / "images"), "--copies", "2",
                  "--batch-images", "3"]) == 0  # finished: nothing to redo
     torch.testing.assert_close(torch.load(work / "embeddings.pt", weights_only=False)["embeddings"], emb["embeddings"])
-    with pytest.raises(SystemExit, match="other settings"):
-        main(["ncis", "embed", "--work", str(work), *common, "--image-folder", str(setup / "images"), "--copies", "3"])
+    assert main(["ncis", "embed", "--work", str(work), *common, "--image-folder", str(setup / "images"),
+                 "--copies", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err  # one error line, exit status 2
     assert main(["ncis", "fit", "--work", str(work), "--epochs", "2", "--batch-size", "4", "--layers", "1",
                  "--hidden-mult", "1"]) == 0
     assert "K = " in capsys.readouterr().out
@@ -65,11 +66,13 @@ def test_ncis_stages_end_to_end_and_resume(setup, capsys):
     assert load_outlier_images(work, 1).shape == (12, 1, 8, 8)
 
 
-def test_ncis_stage_order_errors(tmp_path):
-    with pytest.raises(SystemExit, match="run `openood-diffguard ncis embed` first"):
-        main(["ncis", "fit", "--work", str(tmp_path)])
-    with pytest.raises(SystemExit, match="ncis generate` first"):
-        main(["ncis", "train", "--work", str(tmp_path), "--", "--config", "a.yml"])
-    with pytest.raises(SystemExit, match="--class-tokens"):
-        main(["ncis", "embed", "--work", str(tmp_path), "--backend", "sd", "--model", str(tmp_path), "--image-folder",
-              str(tmp_path)])
+def test_ncis_stage_order_errors(tmp_path, capsys):
+    for argv, message in [
+        (["ncis", "fit", "--work", str(tmp_path)], "run `openood-diffguard ncis embed` first"),
+        (["ncis", "train", "--work", str(tmp_path), "--", "--config", "a.yml"], "ncis generate` first"),
+        (["ncis", "embed", "--work", str(tmp_path), "--backend", "sd", "--model", str(tmp_path), "--image-folder",
+          str(tmp_path)], "--class-tokens"),
+    ]:
+        assert main(argv) == 2  # a user's mistake: one error line, exit status 2
+        err = capsys.readouterr().err
+        assert err.startswith("openood-diffguard ncis: error:") and message in err and err.count("\n") == 1

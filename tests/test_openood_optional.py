@@ -20,7 +20,7 @@ def test_package_imports_and_features_name_the_install_command(no_openood):
     import openood_diffguard.openood as oo
 
     importlib.reload(oo)
-    with pytest.raises(ImportError, match="pip install git\\+https://github.com/Jingkang50/OpenOOD"):
+    with pytest.raises(ImportError, match="pip install --no-deps \"openood @ git\\+https://github.com/Jingkang50/OpenOOD@"):
         oo.DiffGuardPostprocessor  # noqa: B018
     with pytest.raises(ImportError, match="OpenOOD is not installed"):
         oo.register()
@@ -57,5 +57,4 @@ def test_launcher_resolves_preset_names_and_cli_has_eval(tmp_path):
     args = resolve_config_args(["--config", str(own), "diffnb_imagenet", "missing/lfdn.yml", "--mark", "diffnb"])
     assert args == ["--config", str(own), str(PACKAGE_CONFIGS / "diffnb_imagenet.yml"),
                     str(PACKAGE_CONFIGS / "lfdn_cifar10.yml"), "--mark", "diffnb"]  # lfdn: alias of lfdn_cifar10
-    ns = build_parser().parse_args(["eval", "--config", "a.yml", "diffguard", "--network.checkpoint", "c.ckpt"])
-    assert ns.openood_args == ["--config", "a.yml", "diffguard", "--network.checkpoint", "c.ckpt"]
+    assert "eval" in build_parser(only="").format_help()

@@ -2,6 +2,8 @@
 with OpenOOD installed, each also builds through OpenOOD's Config and our main.py / Evaluator factories."""
 import copy
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -81,9 +83,14 @@ def test_unknown_keys_fail_loudly(stem):
             _build(pp)
 
 
-def test_lfdn_cache_dir_reaches_the_detector_expanded():
-    det, _ = _build(_section("lfdn_cifar10"))
-    assert "~" not in det.params["cache_dir"] and det.params["cache_dir"].endswith("openood_diffguard/lfdn")
+def test_lfdn_cache_dir_follows_the_cache_root_and_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENOOD_DIFFGUARD_CACHE", str(tmp_path))
+    for stem in ("lfdn_cifar10", "lfdn_imagenet"):
+        det, _ = _build(_section(stem))
+        assert det.params["cache_dir"] == str(tmp_path / "lfdn")  # the preset leaves it null
+    pp = _section("lfdn_cifar10")
+    pp["postprocessor_args"]["cache_dir"] = "~/elsewhere"
+    assert _build(pp)[0].params["cache_dir"] == str(Path("~/elsewhere").expanduser())
 
 
 @pytest.mark.openood

@@ -173,31 +173,35 @@ def _fake_scores(rng, n_id=60, n_ood=50, shift=1.5):
 
 
 def make_demo_dir(root: Path, with_gallery: bool = True) -> Path:
-    """A demo output folder written the way ``demo.run`` writes it (scores.npz, metrics.csv, summary.json)."""
-    from openood_diffguard.demo.run import DemoConfig
+    """A demo output folder written the way ``demo.run`` writes it (scores/<method>.npz, metrics.csv,
+    summary.json)."""
+    from openood_diffguard.demo.run import DemoConfig, score_file_stem
+    from openood_diffguard.fusion.scores_io import save_scores_npz
+    from openood_diffguard.metrics import METRIC_COLUMNS, table_row
 
     rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    arrays, rows = {}, []
+    (root / "scores").mkdir(parents=True, exist_ok=True)
+    arrays, rows, auroc = {}, [], {}
     for i, name in enumerate(["EBO", "DiffGuard"]):
         (cid, lab, pred), cood = _fake_scores(rng, shift=1 + i)
-        conf, label = np.r_[cid, cood], np.r_[lab, -np.ones(cood.size, int)]
-        p = np.r_[pred, rng.integers(0, 6, cood.size)]
+        pood = rng.integers(0, 6, cood.size)
+        conf, label, p = np.r_[cid, cood], np.r_[lab, -np.ones(cood.size, int)], np.r_[pred, pood]
         arrays.update({f"{name}/pred": p, f"{name}/conf": conf, f"{name}/label": label})
+        save_scores_npz(root / "scores" / f"{score_file_stem(name)}.npz",
+                        {"id_test": {"conf": cid, "label": lab, "pred": pred},
+                         "near/digits_6_9": {"conf": cood, "label": -np.ones(cood.size, int), "pred": pood}})
         m = ood_metrics(conf, label, p)
-        rows.append([name, *(f"{100 * v:.2f}" for v in (m.auroc, m.aupr_in, m.aupr_out, m.fpr95_ood_positive,
-                                                          m.fpr95_id_positive, m.acc))])
-    np.savez(root / "scores.npz", **arrays)
+        auroc[name] = m.auroc
+        rows.append([name, *(f"{v:.2f}" for v in table_row(m))])
     with open(root / "metrics.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "AUROC", "AUPR-In", "AUPR-Out", "FPR@95 (OOD-positive, OpenOOD)",
-                    "FPR@95 (ID-positive, papers)", "ACC"])
+        w.writerow(["method", *METRIC_COLUMNS])
         w.writerows(rows)
     from dataclasses import asdict
 
     (root / "summary.json").write_text(json.dumps({"config": asdict(DemoConfig()), "classifier_accuracy": 0.9876,
                                                    "seconds": 12.5, "timings_s": {"classifier": 2.0, "DiffGuard": 9.0},
-                                                   "n_id": 60, "n_ood": 50}))
+                                                   "n_id": 60, "n_ood": 50, "auroc": auroc}))
     if with_gallery:
         net, det = tiny_net(), PictureToy(normalization="none")
         for split, role, n in (("id_test", "id", 60), ("ood_test", "ood", 50)):
@@ -210,10 +214,22 @@ def make_demo_dir(root: Path, with_gallery: bool = True) -> Path:
     return root
 
 
+def demo_scores(root: Path) -> dict[str, np.ndarray]:
+    """``<method>/{conf,label,pred}`` over ID then OOD test, read back from the demo folder's score files."""
+    from openood_diffguard.fusion.scores_io import load_npz
+
+    out = {}
+    for name in ("EBO", "DiffGuard"):
+        splits = load_npz(root / "scores" / f"{name}.npz")
+        for f in ("conf", "label", "pred"):
+            out[f"{name}/{f}"] = np.concatenate([splits[k][f] for k in ("id_test", "near/digits_6_9")])
+    return out
+
+
 def test_demo_folder_metrics_equal_ood_metrics_and_csv(tmp_path):
     run = load_run(make_demo_dir(tmp_path / "demo"))
     assert run.kind == "demo" and list(run.methods) == ["EBO", "DiffGuard"]
-    z = np.load(tmp_path / "demo" / "scores.npz")
+    z = demo_scores(tmp_path / "demo")
     for name, m in run.methods.items():
         (ds, got), = m.metrics().items()
         assert got == ood_metrics(z[f"{name}/conf"], z[f"{name}/label"], z[f"{name}/pred"])
@@ -355,16 +371,19 @@ def test_page_is_self_contained_and_complete(tmp_path):
                  "classifier_epochs", "2026-11-30"):
         assert text in page, text
     # both methods' rows, with the metric values of scores.npz
-    z = np.load(root / "scores.npz")
+    z = demo_scores(root)
     m = ood_metrics(z["DiffGuard/conf"], z["DiffGuard/label"], z["DiffGuard/pred"])
     assert f"{100 * m.fpr95_id_positive:.2f}" in page and f"{100 * m.fpr95_ood_positive:.2f}" in page
 
 
 def test_page_escapes_names(tmp_path):
     root = make_demo_dir(tmp_path / "demo", with_gallery=False)
-    z = dict(np.load(root / "scores.npz"))
-    z = {k.replace("EBO", "<b>EBO</b>"): v for k, v in z.items()}
-    np.savez(root / "scores.npz", **z)
+    from openood_diffguard.demo.run import score_file_stem
+
+    summary = json.loads((root / "summary.json").read_text())
+    summary["auroc"] = {k.replace("EBO", "<b>EBO</b>"): v for k, v in summary["auroc"].items()}
+    (root / "summary.json").write_text(json.dumps(summary))
+    (root / "scores" / "EBO.npz").rename(root / "scores" / f"{score_file_stem('<b>EBO</b>')}.npz")
     (root / "metrics.csv").unlink()
     page = render(load_run(root))
     assert "&lt;b&gt;EBO&lt;/b&gt;" in page and "<b>EBO</b>" not in page

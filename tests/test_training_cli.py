@@ -25,7 +25,7 @@ def imglist(tmp_path_factory):
     return root
 
 
-def test_train_lfdn_cli(imglist, tmp_path):
+def test_train_lfdn_cli(imglist, tmp_path, capsys):
     net = trained_digits_net()
     torch.save(net.state_dict(), tmp_path / "clf.pt")
     out = tmp_path / "lfdn.pt"
@@ -59,9 +59,9 @@ def test_train_lfdn_cli(imglist, tmp_path):
     assert (raw["train_config"]["lr"], raw["train_config"]["ema"], raw["train_config"]["width"]) == (1e-5, 0.9999, 32)
     with pytest.raises(ValueError, match="variant"):
         LFDN(checkpoint=str(out), variant="ours", normalization="unknown").setup(net)
-    with pytest.raises(ValueError, match="does not fit"):
-        main(["train-lfdn", "--imglist", str(imglist / "train.txt"), "--network", "digits_net:TinyConvNet",
-              "--classifier", str(tmp_path / "clf.pt"), "--num-classes", "10", "--out", str(out)])
+    rc = main(["train-lfdn", "--imglist", str(imglist / "train.txt"), "--network", "digits_net:TinyConvNet",
+               "--classifier", str(tmp_path / "clf.pt"), "--num-classes", "10", "--out", str(out)])
+    assert rc == 2 and "does not fit --network digits_net:TinyConvNet with 10 classes" in capsys.readouterr().err
 
 
 def test_train_diffusion_cli(imglist, tmp_path):

@@ -16,54 +16,15 @@ benchmarks/results/converter_parity.md):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .common import FlagsMixin, KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .common import KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .flags import PRESETS, ADMFlags  # noqa: F401  (re-exported: adm.ADMFlags, adm.PRESETS)
 from .openai_unet import block_types, map_openai_unet
 
-_DEFAULT_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 _SCHEDULES = {"linear": ("linear", 1e-4, 0.02), "cosine": ("squaredcos_cap_v2", 1e-4, 0.02)}
-
-
-@dataclass
-class ADMFlags(FlagsMixin):
-    """guided-diffusion ``create_model`` flags (names as in its ``script_util``)."""
-
-    image_size: int = 256
-    num_channels: int = 256
-    num_res_blocks: int = 2
-    channel_mult: tuple = ()
-    attention_resolutions: tuple = (32, 16, 8)
-    num_heads: int = 4
-    num_head_channels: int = 64
-    use_scale_shift_norm: bool = True
-    resblock_updown: bool = True
-    learn_sigma: bool = True
-    class_cond: bool = False
-    num_classes: int = 1000
-    use_new_attention_order: bool = False
-    noise_schedule: str = "linear"
-    in_channels: int = 3
-
-    def resolved_mult(self) -> tuple:
-        if self.channel_mult:
-            return tuple(self.channel_mult)
-        if self.image_size not in _DEFAULT_MULT:
-            raise ValueError(f"no default channel_mult for image_size {self.image_size}: pass --channel-mult")
-        return _DEFAULT_MULT[self.image_size]
-
-
-#: the released checkpoints (README of openai/guided-diffusion), keyed by file stem
-PRESETS: dict[str, ADMFlags] = {
-    "256x256_diffusion": ADMFlags(class_cond=True),
-    "256x256_diffusion_uncond": ADMFlags(class_cond=False),
-    "128x128_diffusion": ADMFlags(image_size=128, num_head_channels=-1, num_heads=4, class_cond=True),
-    "64x64_diffusion": ADMFlags(image_size=64, num_channels=192, num_res_blocks=3, class_cond=True,
-                                use_new_attention_order=True, noise_schedule="cosine"),
-}
 
 
 def _levels(flags: ADMFlags) -> tuple[list[int], set[int], int]:

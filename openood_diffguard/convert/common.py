@@ -6,7 +6,6 @@ refuses to write anything unless every original key was consumed and every targe
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Mapping
@@ -19,20 +18,13 @@ from ..diffusion.models import CONVERSION_SIDECAR as SIDECAR
 _NESTED = ("state_dict", "model", "ema", "module")
 
 
-class FlagsMixin:
-    """For the architecture-flag dataclasses: one-line description used in error messages."""
-
-    def describe(self) -> str:
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
-
-
 def load_state_dict(path: str | Path, what: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint with ``weights_only=True`` (full unpickling only when the user vouches for the
     file with ``trust_pickle``); unwrap common nesting; clear errors."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{what} checkpoint not found at {p}: download it (see README, "
-                                "'Bringing real checkpoints') and pass its path with --src")
+        raise FileNotFoundError(f"{what} checkpoint not found at {p}: download it (docs/checkpoints.md "
+                                "lists where) and pass its path with --src")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # pickle/zip errors have many types; report them uniformly

@@ -10,10 +10,10 @@ The same ``down/mid/up`` naming is used by the LDM/taming VQ autoencoder, so the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-from .common import FlagsMixin, KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .common import KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .flags import DiffNBFlags  # noqa: F401  (re-exported)
 
 
 def map_resnet(m: KeyMapper, src: str, dst: str) -> None:
@@ -57,25 +57,6 @@ def map_up(m: KeyMapper, levels: int, num_res_blocks: int, attn_levels: set[int]
                 map_attn(m, f"{src}up.{lvl}.attn.{j}", f"{dst}up_blocks.{i_up}.attentions.{j}")
         if lvl != 0:
             m.copy(f"{src}up.{lvl}.upsample.conv", f"{dst}up_blocks.{i_up}.upsamplers.0.conv")
-
-
-@dataclass
-class DiffNBFlags(FlagsMixin):
-    """``Model`` section of DiffOOD's ``config/ddim_cifar10_cond.yml``."""
-
-    image_size: int = 32
-    num_classes: int = 10
-    ch: int = 128
-    ch_mult: tuple = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple = (16,)
-    in_channels: int = 3
-    out_ch: int = 3
-
-    @classmethod
-    def from_original(cls, cfg: dict) -> "DiffNBFlags":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in names})
 
 
 def _attn_levels(flags: DiffNBFlags) -> set[int]:

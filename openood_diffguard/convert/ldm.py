@@ -20,13 +20,13 @@ against the sqrt-linear 0.0015..0.0195 schedule, which is diffusers ``scaled_lin
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .common import FlagsMixin, KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
+from .common import KeyMapper, fill_strict, load_state_dict, write_scheduler, write_sidecar
 from .diffnb import map_down, map_mid, map_up
+from .flags import LDMFlags  # noqa: F401  (re-exported)
 from .openai_unet import block_types, map_openai_unet
 
 UNET, VQ, COND = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
@@ -36,37 +36,6 @@ _SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alp
                      "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                      "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "scale_factor", "lvlb_weights",
                      "cond_ids", "model_ema.decay", "model_ema.num_updates"}
-
-
-@dataclass
-class LDMFlags(FlagsMixin):
-    """``configs/latent-diffusion/cin256-v2.yaml`` (unet_config, first_stage_config, cond_stage_config)."""
-
-    image_size: int = 64
-    in_channels: int = 3
-    out_channels: int = 3
-    model_channels: int = 192
-    attention_resolutions: tuple = (8, 4, 2)
-    num_res_blocks: int = 2
-    channel_mult: tuple = (1, 2, 3, 5)
-    num_heads: int = 1
-    num_head_channels: int = -1
-    transformer_depth: int = 1
-    context_dim: int = 512
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
-    n_classes: int = 1001
-    linear_start: float = 0.0015
-    linear_end: float = 0.0195
-    timesteps: int = 1000
-    vq_embed_dim: int = 3
-    vq_n_embed: int = 8192
-    vq_z_channels: int = 3
-    vq_ch: int = 128
-    vq_ch_mult: tuple = (1, 2, 4)
-    vq_num_res_blocks: int = 2
-    vq_resolution: int = 256
-    vq_attn_resolutions: tuple = ()
 
 
 def _unet_levels(f: LDMFlags) -> tuple[list[int], set[int], list[int]]:

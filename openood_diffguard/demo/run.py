@@ -5,16 +5,17 @@ scikit-learn's handwritten ``digits`` become an open-set benchmark in OpenOOD's 
 diffusion UNet (cached under ``--cache-dir``), then scores the ID and OOD test splits with DiffGuard,
 DiffNB, LFDN, OpenOOD's standard baselines (EBO, MLS, KNN, ViM; pytorch-ood's implementations) and
 fusions, through the same detector + score-cache path the OpenOOD postprocessors use, and writes an
-OpenOOD-style table, ``metrics.csv``, ``scores.npz``, plots and ``report.html`` to ``--out``.
+OpenOOD-style table, ``metrics.csv``, per-method score files ``scores/<method>.npz`` (the format
+``openood-diffguard fuse`` reads) plots and ``report.html`` (with its ``gallery/``) to ``--out``. The options are in ``demo/cli.py``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from ..detectors.diffnb import DiffNB
 from ..detectors.lfdn import LFDN
 from ..fusion import ScoreFusion
 from ..fusion.baselines import Baselines
-from ..metrics import format_table, ood_metrics
+from ..fusion.scores_io import save_scores_npz
+from ..metrics import FPR_LEGEND, METRIC_COLUMNS, format_table, ood_metrics, table_row
 from ..networks import SmallResNet
 from ..report import write_report
 from ..report.gallery import save_gallery
@@ -52,7 +54,10 @@ class DemoConfig:
     n_test: int | None = None  # per side (ID / OOD); None = all 325 ID and as many OOD
     diffguard_steps: int = 25
     diffnb_repeats: int = 4
-    diffnb_timesteps: list = field(default_factory=lambda: [300])
+    diffnb_timesteps: list | None = None  # None = the diffnb_cifar10 preset's (variant code: 120, 240, 360)
+
+    def with_seed(self, seed: int) -> "DemoConfig":
+        return dataclasses.replace(self, seed=int(seed))
 
     def model_key(self, *fields: str) -> str:
         blob = json.dumps({f: getattr(self, f) for f in fields} | {"unet": DEMO_UNET}, sort_keys=True)
@@ -63,6 +68,18 @@ PRESETS = {
     "full": DemoConfig(),
     "quick": DemoConfig(classifier_epochs=12, diffusion_steps=400, n_test=96, diffguard_steps=10, diffnb_repeats=2),
 }
+#: pytorch-ood's implementations of OpenOOD's baselines, under OpenOOD's spelling
+BASELINES = {"ebo": "EBO", "mls": "MLS", "knn": "KNN", "vim": "ViM"}
+FUSIONS = {"rank": {"w": 0.5}, "cascade": {}}
+OOD_SET = "digits6-9"  # the OOD test split in the score files: near/<OOD_SET>
+OUTPUTS = ("metrics.csv", "scores/<method>.npz", "summary.json", "roc.png", "histograms.png", "diffguard_grid.png",
+           "gallery/", "report.html")
+LEGEND = FPR_LEGEND + ".\nFuse two score files: openood-diffguard fuse --scores <out>/scores/EBO.npz <out>/scores/DiffGuard.npz"
+
+
+def score_file_stem(method: str) -> str:
+    """``DiffGuard+EBO (rank)`` -> ``DiffGuard+EBO_rank``: file-system-safe, still readable."""
+    return "".join(c if c.isalnum() or c in "+-_" else "_" for c in method.replace(" (", "_").replace(")", ""))
 
 
 class _ImagesAndLabels(torch.utils.data.Dataset):
@@ -119,7 +136,8 @@ def build_detectors(unet_dir: Path, cfg: DemoConfig, num_classes: int, cache: Pa
                                num_steps=cfg.diffguard_steps, variant="paper", cam_cut=False,  # as diffguard_cifar10
                                similarities=("logits_l1", "logits_cos"), similarity="logits_l1",
                                diffusion_size=None, score_size=None),
-        "DiffNB": DiffNB(**common, timesteps=list(cfg.diffnb_timesteps), repeats=cfg.diffnb_repeats, cfg_scale=3.0,
+        "DiffNB": DiffNB(**common, timesteps=cfg.diffnb_timesteps and list(cfg.diffnb_timesteps),
+                         repeats=cfg.diffnb_repeats, cfg_scale=3.0,
                          stride=20, seed=cfg.seed),
         "LFDN": LFDN(score="mfsim", layers=[1, 2, 3, 4], cache_dir=str(cache), normalization="digits",
                      train={"width": 128, "blocks": 2, "epochs": 30, "batch_size": 64, "lr": 1e-3}),
@@ -140,17 +158,23 @@ def _score(detector, net, loader, root: Path, progress: bool, gallery: dict | No
     return (out.stats["pred"].astype(int), conf, out.labels.astype(int)), store.computed_rows
 
 
-def _grid(detector: DiffGuard, net, data: DigitsOpenSet, path: Path, device: torch.device, n: int = 6) -> Path:
-    """Input / inversion / guided synthesis for a few ID and OOD digits: the picture that explains DiffGuard."""
-    x = torch.cat([data.dataset("id", "test").images[:n], data.dataset("ood", "test").images[:n]]).to(device)
+def _grid(detector: DiffGuard, net, data: DigitsOpenSet, path: Path, device: torch.device, conf: np.ndarray,
+          n_id: int, threshold: float, n: int = 6) -> Path:
+    """Input / inversion / guided synthesis for the first ``n`` ID and OOD test digits, each captioned with its true
+    digit, the class the classifier predicted and DiffGuard's score (``conf``: the test scores, ``n_id`` ID ones
+    first; below ``threshold`` = flagged OOD)."""
+    id_set, ood_set = data.dataset("id", "test"), data.dataset("ood", "test")
+    x = torch.cat([id_set.images[:n], ood_set.images[:n]]).to(device)
     syn = detector.synthesise(net, x)
     to01 = lambda t: (t.detach().float().cpu().clamp(-1, 1)[:, 0] * 0.5 + 0.5).numpy()  # noqa: E731
     lat = syn["latents"].detach().float().cpu()[:, 0]
     lat = ((lat - lat.amin((1, 2), keepdim=True)) / (lat.amax((1, 2), keepdim=True) - lat.amin((1, 2), keepdim=True) + 1e-8)).numpy()
-    pred = syn["pred"].tolist()
-    captions = [f"ID, pred {p}" for p in pred[:n]] + [f"OOD, pred {p}" for p in pred[n:]]
-    return plots.synthesis_grid({"input": to01(syn["input"]), "inverted x_T": lat, "guided synthesis": to01(syn["synthesis"])},
-                                captions, path, "DiffGuard: OOD digits drift toward the predicted class, ID digits stay")
+    names = id_set.names[:n] + ood_set.names[:n]  # digits/<true digit>/<index>.png
+    scores = np.r_[conf[:n], conf[n_id:n_id + n]]
+    columns = [{"true": int(name.split("/")[1]), "ood": i >= n, "pred": int(p), "score": float(sc),
+                "flagged": bool(sc < threshold)} for i, (name, p, sc) in enumerate(zip(names, syn["pred"].tolist(), scores))]
+    return plots.synthesis_grid({"input": to01(syn["input"]), "DDIM inversion x_T": lat, "guided synthesis": to01(syn["synthesis"])},
+                                columns, path, threshold, "minus the l1 distance between the classifier's logits of input and synthesis")
 
 
 def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
@@ -180,8 +204,8 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
         base = {k: baselines.score_loader(net, loaders[k], progress=False) for k in loaders}
         base_val = baselines.score_loader(net, id_loaders["val"], progress=False)
     for name in baselines.names:
-        scores[name.upper()] = tuple(np.r_[base["id"][f], base["ood"][f]] for f in ("pred", name, "label"))
-        val[name.upper()] = base_val[name]
+        scores[BASELINES[name]] = tuple(np.r_[base["id"][f], base["ood"][f]] for f in ("pred", name, "label"))
+        val[BASELINES[name]] = base_val[name]
     lap("baselines")
 
     detectors = build_detectors(unet_dir, cfg, data.num_classes, cache)
@@ -198,24 +222,26 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
         lap(name)
 
     # fusion: calibrated on ID validation scores only
-    for rule, params in (("rank", {"w": 0.5}), ("cascade", {})):
+    for rule, params in FUSIONS.items():
         fusion = ScoreFusion(rule, baseline="EBO", diffusion="DiffGuard", **params).fit({"EBO": val["EBO"], "DiffGuard": val["DiffGuard"]})
         pred, conf_b, label = scores["EBO"]
         fused = fusion({"EBO": conf_b, "DiffGuard": scores["DiffGuard"][1]})
         scores[f"DiffGuard+EBO ({rule})"] = (pred, np.asarray(fused, dtype=np.float64), label)
+        val[f"DiffGuard+EBO ({rule})"] = np.asarray(fusion({"EBO": val["EBO"], "DiffGuard": val["DiffGuard"]}), dtype=np.float64)
 
     metrics = {name: ood_metrics(conf, label, pred) for name, (pred, conf, label) in scores.items()}
     table = format_table(metrics)
     with open(out / "metrics.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "AUROC", "AUPR-In", "AUPR-Out", "FPR@95 (OOD-positive, OpenOOD)", "FPR@95 (ID-positive, papers)", "ACC"])
+        w.writerow(["method", *METRIC_COLUMNS])
         for name, m in metrics.items():
-            w.writerow([name, *(f"{100 * v:.2f}" for v in (m.auroc, m.aupr_in, m.aupr_out, m.fpr95_ood_positive, m.fpr95_id_positive, m.acc))])
-    np.savez(out / "scores.npz", **{f"{k}/{f}": v for k, trip in scores.items() for f, v in zip(("pred", "conf", "label"), trip)})
+            w.writerow([name, *(f"{v:.2f}" for v in table_row(m))])
+    _write_score_files(out / "scores", scores, val, base_val["pred"], data, loaders)
     view = {k: (c, l) for k, (_, c, l) in scores.items()}
-    plots.roc_curves(view, out / "roc.png", "digits open set: known 0-5 (ID) vs 6-9 (OOD)")
-    plots.histograms(view, out / "histograms.png")
-    _grid(detectors["DiffGuard"], net, data, out / "diffguard_grid.png", dev)
+    plots.roc_curves(view, out / "roc.png", f"digits open set (seed {cfg.seed}): known 0-5 = ID, 6-9 = OOD")
+    plots.histograms(view, out / "histograms.png", {k: float(np.quantile(v, 0.05)) for k, v in val.items()})
+    _grid(detectors["DiffGuard"], net, data, out / "diffguard_grid.png", dev, scores["DiffGuard"][1],
+          len(loaders["id"].dataset), float(np.quantile(val["DiffGuard"], 0.05)))
     lap("fusion, metrics, plots")
     summary = {"config": asdict(cfg), "classifier_accuracy": acc, "seconds": time.time() - t0, "timings_s": timings,
                "auroc": {k: m.auroc for k, m in metrics.items()}, "n_id": int((scores["EBO"][2] >= 0).sum()),
@@ -227,28 +253,19 @@ def run_demo(cfg: DemoConfig, out: Path, cache: Path, device: str = "cpu", progr
     return {"table": table, **summary}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes on a 2-core CPU)")
-    p.add_argument("--out", default="demo_out", help="output directory (table, metrics.csv, scores.npz, plots)")
-    p.add_argument("--cache-dir", default=None, help="where trained models and scores are cached "
-                   "(default: $OPENOOD_DIFFGUARD_CACHE/demo or ~/.cache/openood_diffguard/demo)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available (see `openood-diffguard info`)")
-    cfg = PRESETS["quick" if args.quick else "full"]
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_root() / "demo"
-    res = run_demo(cfg, Path(args.out), cache, args.device, progress=not args.no_progress)
-    print(f"\nopenood-diffguard demo ({'quick' if args.quick else 'full'}): digits, known 0-5 = ID "
-          f"({res['n_id']} test images), 6-9 = OOD ({res['n_ood']}); classifier accuracy "
-          f"{100 * res['classifier_accuracy']:.1f} %\n")
-    print(res["table"])
-    print(f"\nFPR@95: 'OOD+' is OpenOOD v1.5's convention (ID flagged OOD at 95 % OOD recall); 'ID+' is the "
-          f"papers' (OOD accepted at 95 % ID recall). Higher conf = ID.\nwrote {args.out}/: metrics.csv, "
-          f"scores.npz, summary.json, roc.png, histograms.png, diffguard_grid.png, gallery/, report.html  "
-          f"({res['seconds']:.0f} s: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in res["timings_s"].items()) + ")")
-    return 0
+def _write_score_files(folder: Path, scores: dict, val: dict, val_pred: np.ndarray, data: DigitsOpenSet,
+                       loaders: dict) -> None:
+    """One npz per method in ``fusion.scores_io``'s format (splits id_val, id_test, near/<OOD_SET>, image-name keys),
+    so any two can be fused with ``openood-diffguard fuse``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n_id, n_ood = len(loaders["id"].dataset), len(loaders["ood"].dataset)
+    keys = {"id_test": np.array(data.dataset("id", "test").names[:n_id]),
+            "ood": np.array(data.dataset("ood", "test").names[:n_ood]),
+            "id_val": np.array(data.dataset("id", "val").names)}
+    for name, (pred, conf, label) in scores.items():
+        save_scores_npz(folder / f"{score_file_stem(name)}.npz", {
+            "id_val": {"conf": val[name], "label": data.dataset("id", "val").labels.numpy(), "pred": val_pred,
+                       "key": keys["id_val"]},
+            "id_test": {"conf": conf[:n_id], "label": label[:n_id], "pred": pred[:n_id], "key": keys["id_test"]},
+            f"near/{OOD_SET}": {"conf": conf[n_id:], "label": label[n_id:], "pred": pred[n_id:], "key": keys["ood"]},
+        })

@@ -66,8 +66,8 @@ class DiffusionModel(nn.Module):
 
         ``dtype`` (None/"fp32", "bf16", "fp16"): with ``cast_weights=False`` the fp32 weights run under
         autocast (norms and softmax stay fp32 by autocast's policy); ``cast_weights=True`` stores the
-        backbone's weights in ``dtype``, which the H100 anchors measured 1.35x (DiT-XL/2) and 1.46x (CIFAR
-        UNet) faster than autocast (anchors-gpu.md section 4). Either way the schedule maths, the DDIM state,
+        backbone's weights in ``dtype`` (less memory traffic than autocast on GPUs; not timed with our
+        pipelines yet). Either way the schedule maths, the DDIM state,
         the outputs (returned as fp32) and the latent codec stay fp32. Casting back to fp32 keeps the bf16
         rounding: reload the weights for exact fp32 results.
         ``compile``: False, True, or ``torch.compile`` keyword arguments (mode, backend, dynamic, ...);

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..metrics import ood_metrics
 from .rules import RULES
 from .score_fusion import ScoreFusion
 from .scores_io import align, load_scores
@@ -38,6 +37,8 @@ def _ood_metrics(conf_id: np.ndarray, conf_ood: np.ndarray) -> dict[str, float]:
     FPR@95_OpenOOD: share of ID flagged OOD when 95 % of OOD are caught (OOD = positive, OpenOOD v1.5).
     FPR@95_IDpos: share of OOD accepted when 95 % of ID are accepted (DiffGuard / DLSR / pre-2023-08 OpenOOD).
     """
+    from ..metrics import ood_metrics  # imports scikit-learn: not for --help
+
     m = ood_metrics(np.r_[conf_id, conf_ood], np.r_[np.zeros(conf_id.size, np.int64), -np.ones(conf_ood.size, np.int64)])
     return {"AUROC": m.auroc, "AUPR_IN": m.aupr_in, "AUPR_OUT": m.aupr_out,
             "FPR@95_OpenOOD": m.fpr95_ood_positive, "FPR@95_IDpos": m.fpr95_id_positive}
@@ -47,12 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", nargs="+", required=True, type=Path,
                    help="score files: .npz (ours: conf, label, split[, pred, key]) or .pkl (OpenOOD evaluator.scores)")
     p.add_argument("--names", nargs="+", help="component names (default: file stems)")
-    p.add_argument("--rule", default="rank", choices=sorted(RULES))
+    p.add_argument("--rule", default="rank", choices=sorted(RULES), help="fusion rule (openood_diffguard.fusion.rules)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="rule parameter, e.g. w=0.3, alpha_out=0.02 (repeatable)")
     p.add_argument("--budget", type=float, default=None, metavar="RHO",
                    help="compute budget: share of ID samples (0 < RHO <= 1) whose diffusion score is read, the band "
-                        "where the baseline is least certain (any rule; same as --param budget=RHO)")
+                        "where the baseline is least certain (any rule; same as --param budget=RHO; default: no budget, "
+                        "the rule's own band)")
     p.add_argument("--baseline", help="component gating the cascade / weighted by w (default: first file)")
     p.add_argument("--diffusion", help="component the cascade routes to (default: second file)")
     p.add_argument("--fit-on", default="id_val", choices=("id_val", "id_test_half"),
@@ -61,10 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="choose the rule's parameters by AUROC on ID-val vs OOD-val (OpenOOD APS; uses OOD-val)")
     p.add_argument("--seed", type=int, default=0, help="seed of the id_test_half split")
-    p.add_argument("--json", type=Path, help="also write the metrics table as JSON")
+    p.add_argument("--json", type=Path, help="also write the metrics table as JSON to this file (default: print only)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle .pkl score files without restriction (can run code: only for files you trust); "
-                        "by default only plain data (arrays, tensors, numbers, strings, lists, dicts) is loaded")
+                        "default: only plain data (arrays, tensors, numbers, strings, lists, dicts) is loaded")
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Every rule sees the components through the calibration fitted by :class:`ScoreFusion` on ID data
 (``ECDF`` -> ID-probability in (0, 1), or ``ZScore``). Rules only hold cheap derived state (weights,
 band thresholds, a logistic model), so APS can re-set their parameters without re-scoring anything.
-See methods.md §5 for where each rule comes from.
+Only the cascade is described by a paper (DiffGuard's CIFAR-10 / ImageNet fusions); the others are ours.
 """
 from __future__ import annotations
 

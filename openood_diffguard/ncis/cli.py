@@ -16,18 +16,28 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from ..devices import add_device_argument
+from .defaults import EMBED_DEFAULTS, FIT_DEFAULTS, GENERATE_DEFAULTS  # plain data: --help needs no torch
 
-from .cvpn import FIT_DEFAULTS
-from .embed import EMBED_DEFAULTS
-from .generate import GENERATE_DEFAULTS
+_EMBED_HELP = {"steps": "Adam steps per image", "lr": "Adam learning rate of the embeddings",
+               "copies": "noisy copies of each image per step", "num_timesteps": "DDIM steps the timesteps come from",
+               "batch_images": "images optimised together", "seed": "seed of the noise and timesteps"}
+_FIT_HELP = {"epochs": "cVPN training epochs", "batch_size": "embeddings per step", "lr": "Adam learning rate",
+             "hidden_mult": "width of the class embedding h(y), in multiples of ceil(D/2)", "seed": "seed of the weights"}
+_GENERATE_HELP = {"guidance_scale": "classifier-free guidance scale", "num_steps": "DDIM sampling steps",
+                  "images_per_embedding": "images generated per sampled embedding", "batch_size": "images per batch",
+                  "save_size": "side of the saved images in pixels (default: the model's)",
+                  "seed": "seed of the sampling noise (per image index, so resumed runs write the same images)"}
 
 
 def _backend(args):
     from .backends import PixelUNetBackend, StableDiffusionBackend
 
+    from ..devices import resolve_device
+
+    device = str(resolve_device(args.device))
     if args.backend == "pixel":
-        return PixelUNetBackend.from_pretrained(args.model, device=args.device)
+        return PixelUNetBackend.from_pretrained(args.model, device=device)
     if not args.class_tokens:
         raise SystemExit("--backend sd needs --class-tokens (one word per class, comma-separated or a file)")
     words = args.class_tokens
@@ -36,18 +46,22 @@ def _backend(args):
     if args.generate_names:
         g = args.generate_names
         names = Path(g).read_text().splitlines() if Path(g).is_file() else [w.strip() for w in g.split(",")]
-    return StableDiffusionBackend.from_pretrained(args.model, words, device=args.device, generate_names=names)
+    return StableDiffusionBackend.from_pretrained(args.model, words, device=device, generate_names=names)
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("pixel", "sd"), required=True)
+    p.add_argument("--backend", choices=("pixel", "sd"), required=True,
+                   help="pixel: this package's class-conditional pixel UNet; sd: Stable Diffusion v1.4")
     p.add_argument("--model", required=True, help="local diffusers directory (pixel UNet, or SD v1.4 pipeline)")
-    p.add_argument("--class-tokens", default=None, help="sd: class words (first BPE token carries the embedding)")
+    p.add_argument("--class-tokens", default=None, help="sd: class words, comma-separated or a file (first BPE "
+                   "token carries the embedding; required with --backend sd, default: none)")
     p.add_argument("--generate-names", default=None, help="sd: class names in the generation prompt (default: the tokens)")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
 
 
 def _save(obj, path: Path) -> None:
+    import torch
+
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
@@ -56,6 +70,8 @@ def _save(obj, path: Path) -> None:
 def _load(path: Path, stage: str):
     if not path.is_file():
         raise SystemExit(f"{path} not found: run `openood-diffguard ncis {stage}` first")
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -73,6 +89,8 @@ class _Images:
 
 
 def run_embed(args) -> int:
+    import torch
+
     from ..training.data import ImageFolderDataset, ImageListDataset
     from .backends import StableDiffusionBackend
     from .embed import learn_embeddings
@@ -103,6 +121,8 @@ def run_embed(args) -> int:
 
 
 def run_fit(args) -> int:
+    import torch
+
     from .cvpn import fit_cvpn, num_invariants
 
     emb = _load(args.work / "embeddings.pt", "embed")
@@ -126,6 +146,8 @@ def run_fit(args) -> int:
 
 
 def run_sample(args) -> int:
+    import torch
+
     from .cvpn import CVPN
     from .sampler import ClassGaussians
 
@@ -180,40 +202,47 @@ def run_train(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="stage", required=True)
+    parent_add = p.add_subparsers(dest="stage", required=True).add_parser
 
-    e = sub.add_parser("embed", help="per-image conditioning embeddings (resumable)")
+    def add_stage(name: str, help: str) -> argparse.ArgumentParser:  # the command line's formatter shows defaults
+        return parent_add(name, help=help, description=help, formatter_class=p.formatter_class)
+
+
+    e = add_stage("embed", "per-image conditioning embeddings (resumable)")
     _backend_args(e)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--imglist", help="OpenOOD image list of the ID training set (with --data-root)")
     src.add_argument("--image-folder", help="class-per-folder image directory")
-    e.add_argument("--data-root", default=".")
+    e.add_argument("--data-root", default=".",
+                   help="folder the image list's paths are relative to (OpenOOD: data/images_classic)")
     for k, v in EMBED_DEFAULTS.items():
-        e.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        e.add_argument("--" + k.replace("_", "-"), type=type(v), default=v, help=_EMBED_HELP[k])
 
-    f = sub.add_parser("fit", help="number of invariants K and the cVPN (resumable)")
+    f = add_stage("fit", "number of invariants K and the cVPN (resumable)")
     f.add_argument("--p", type=float, default=2.0, help="PCA variance percentage for K (paper 2, released code 5)")
-    f.add_argument("--k", type=int, default=None, help="K directly (skips the PCA rule)")
-    f.add_argument("--k-convention", choices=("paper", "code"), default="paper")
-    f.add_argument("--layers", type=int, default=FIT_DEFAULTS["num_layers"])
+    f.add_argument("--k", type=int, default=None, help="K directly (default: from the PCA rule, --p)")
+    f.add_argument("--k-convention", choices=("paper", "code"), default="paper",
+                   help="K rule: the paper's, or the released code's (one direction more)")
+    f.add_argument("--layers", type=int, default=FIT_DEFAULTS["num_layers"], help="coupling layers of the cVPN")
     for k in ("epochs", "batch_size", "lr", "hidden_mult", "seed"):
-        f.add_argument("--" + k.replace("_", "-"), type=type(FIT_DEFAULTS[k]), default=FIT_DEFAULTS[k])
+        f.add_argument("--" + k.replace("_", "-"), type=type(FIT_DEFAULTS[k]), default=FIT_DEFAULTS[k], help=_FIT_HELP[k])
 
-    s = sub.add_parser("sample", help="low-likelihood samples of per-class Gaussians, mapped back with the cVPN")
+    s = add_stage("sample", "low-likelihood samples of per-class Gaussians, mapped back with the cVPN")
     s.add_argument("--reg", type=float, default=1e-5, help="lambda added to each covariance (released: 1e-5)")
-    s.add_argument("--per-class", type=int, default=100)
-    s.add_argument("--candidates", type=int, default=3330)
-    s.add_argument("--keep", type=int, default=10)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--per-class", type=int, default=100, help="outlier embeddings per class")
+    s.add_argument("--candidates", type=int, default=3330, help="draws per round, of which --keep are kept")
+    s.add_argument("--keep", type=int, default=10, help="least likely draws kept per round")
+    s.add_argument("--seed", type=int, default=0, help="seed of the draws")
     s.add_argument("--no-cvpn", action="store_true", help="Gaussians in the embedding space itself (ablation)")
 
-    g = sub.add_parser("generate", help="outlier images, OpenOOD image list and dataset snippet (resumable)")
+    g = add_stage("generate", "outlier images, OpenOOD image list and dataset snippet (resumable)")
     _backend_args(g)
     for k, v in GENERATE_DEFAULTS.items():
-        g.add_argument("--" + k.replace("_", "-"), type=int if k == "save_size" else type(v), default=v)
+        g.add_argument("--" + k.replace("_", "-"), type=int if k == "save_size" else type(v), default=v,
+                       help=_GENERATE_HELP[k])
     g.add_argument("--oe-batch-size", type=int, default=128, help="outlier batch size in openood_oe.yml")
 
-    t = sub.add_parser("train", help="OpenOOD train_oe pipeline with the NCIS trainer; OpenOOD arguments after --")
+    t = add_stage("train", "OpenOOD train_oe pipeline with the NCIS trainer; OpenOOD arguments after --")
     t.add_argument("openood_args", nargs=argparse.REMAINDER, help="-- --config <dataset>.yml ... [--key value ...]")
 
     for q in (e, f, s, g, t):
@@ -221,6 +250,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "device", None) is not None:
+        from ..devices import resolve_device
+
+        resolve_device(args.device)  # an unavailable device fails before the work directory is touched
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / f"{args.stage}_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()
                                                                    if not k.startswith("_")}, indent=1))

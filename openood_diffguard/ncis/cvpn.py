@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -148,8 +147,7 @@ def num_invariants(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor |
 
 
 # ----------------------------------------------------------------------------------- fit
-FIT_DEFAULTS: dict[str, Any] = {"epochs": 200, "batch_size": 64, "lr": 1e-4, "min_lr_factor": 0.1, "num_layers": 4,
-                                "hidden_mult": 4, "reconstruction": True, "eval_samples": 1000, "seed": 0}
+from .defaults import FIT_DEFAULTS  # noqa: E402,F401  (plain data, shared with the CLI)
 
 
 def invariant_mse(model: CVPN, x: torch.Tensor, y: torch.Tensor, k: int, batch_size: int = 1024) -> float:

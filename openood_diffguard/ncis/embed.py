@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .backends import EmbeddingBackend
 
-EMBED_DEFAULTS = {"steps": 3, "lr": 1e-2, "copies": 32, "num_timesteps": 50, "batch_images": 8, "seed": 0}
+from .defaults import EMBED_DEFAULTS  # noqa: E402,F401  (plain data, shared with the CLI)
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:

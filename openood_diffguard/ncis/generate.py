@@ -14,8 +14,7 @@ from tqdm.auto import tqdm
 
 from .backends import EmbeddingBackend
 
-GENERATE_DEFAULTS = {"guidance_scale": 7.5, "num_steps": 50, "images_per_embedding": 8, "batch_size": 8,
-                     "save_size": None, "seed": 42}
+from .defaults import GENERATE_DEFAULTS  # noqa: E402,F401  (plain data, shared with the CLI)
 
 
 def generate_outliers(backend: EmbeddingBackend, embeddings: torch.Tensor, labels: torch.Tensor,

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-INSTALL_HINT = (
-    "OpenOOD is not installed (it is not on PyPI). Install it from git, e.g.\n"
-    "  pip install \"numpy<2\" statsmodels timm foolbox faiss-cpu Cython wheel && "
-    "pip install --no-build-isolation libmr\n"
-    "  pip install git+https://github.com/Jingkang50/OpenOOD\n"
-    "(see README, section 'Using it inside OpenOOD')."
+#: the commit the integration is tested against (OpenOOD v1.5 has no release tags)
+OPENOOD_COMMIT = "3c35632ee91b54b09d1f085d04f94744cece7d0b"
+#: the same three steps as the README's "Install" section (OpenOOD is not on PyPI and its setup.py names
+#: faiss-gpu, which has no wheels: its dependencies come from our ``openood`` extra, then it is installed --no-deps)
+INSTALL_STEPS = (
+    'pip install "openood-diffguard[openood]"',
+    "pip install --no-build-isolation libmr",
+    f'pip install --no-deps "openood @ git+https://github.com/Jingkang50/OpenOOD@{OPENOOD_COMMIT}"',
 )
+INSTALL_HINT = "OpenOOD is not installed (it is not on PyPI); install it with: " + " && ".join(INSTALL_STEPS)
 
 
 def require_openood() -> Any:
@@ -23,7 +26,7 @@ def require_openood() -> Any:
         import openood
         import openood.postprocessors  # noqa: F401  (the part we subclass; fails on missing faiss/libmr)
     except ImportError as err:
-        raise ImportError(f"{INSTALL_HINT}\nUnderlying error: {err}") from err
+        raise ImportError(f"{INSTALL_HINT} (import failed: {err})") from err
     return openood
 
 
@@ -31,10 +34,10 @@ _LAZY = {
     "DetectorPostprocessor": "postprocessors", "DiffGuardPostprocessor": "postprocessors",
     "DiffNBPostprocessor": "postprocessors", "LFDNPostprocessor": "postprocessors",
     "FusionPostprocessor": "postprocessors", "register": "registration", "build_postprocessor": "registration",
-    "postprocessor_config": "registration",
+    "postprocessor_config": "registration", "register_benchmark": "benchmarks",
 }
 
-__all__ = ["INSTALL_HINT", "require_openood", *_LAZY]
+__all__ = ["INSTALL_HINT", "INSTALL_STEPS", "OPENOOD_COMMIT", "require_openood", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

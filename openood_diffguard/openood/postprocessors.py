@@ -191,7 +191,7 @@ def openood_postprocessor(name: str, args: Mapping[str, Any], dataset: Mapping[s
 
 
 class FusionPostprocessor(BasePostprocessor):
-    """Our detector fused with one of OpenOOD's ebo / knn / vim / mls postprocessors (methods.md §5).
+    """Our detector fused with one of OpenOOD's ebo / knn / vim / mls postprocessors (docs/fusion.md).
 
     The yml schema is ``fusion.presets`` (shared with the standalone path): ``detector``, ``detector_preset``
     (a packaged detector yml whose args are used), ``detector_args``, ``baseline``, ``baseline_args``, ``rule``,

@@ -1,4 +1,4 @@
-"""Teach OpenOOD our postprocessor names (it has no plugin mechanism; see openood-interface.md §4).
+"""Teach OpenOOD our postprocessor names (it has no plugin mechanism; docs/openood.md).
 
 ``register()`` (idempotent) replaces every module-level binding of OpenOOD's ``get_postprocessor``
 (``openood.postprocessors``, ``openood.postprocessors.utils`` and each pipeline that imported it) with a
@@ -185,9 +185,18 @@ def _register_trainers() -> list[str]:
     return _patch_bindings("get_trainer", original, _patched_trainer_factory(original))
 
 
-def register(evaluator: bool = True) -> list[str]:
-    """Patch OpenOOD (idempotent). Returns the module attributes that now point at our factories."""
+def register(evaluator: bool = True, device: Any = "auto") -> list[str]:
+    """Patch OpenOOD (idempotent). Returns the module attributes that now point at our factories.
+
+    ``device``: where OpenOOD's hard-coded ``.cuda()`` calls go from now on (``devices.use_openood_device``):
+    ``"auto"`` (default) leaves CUDA machines alone and runs them on the CPU when CUDA is absent, so the
+    Evaluator works there; ``"cpu"`` forces the CPU; None changes nothing (the launcher sets it per run).
+    """
     require_openood()
+    if device is not None:
+        from ..devices import use_openood_device
+
+        use_openood_device(device)
     import openood.pipelines  # noqa: F401  (imports every pipeline module, i.e. every binding)
     import openood.postprocessors.utils as pp_utils
 

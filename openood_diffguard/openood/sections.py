@@ -89,14 +89,17 @@ def detector_from_section(pp: Mapping[str, Any], dataset: Mapping[str, Any] | No
 
     The detector is ``postprocessor_args.detector``, else ``default_name``, else ``postprocessor.name``
     (a registered name or ``module:Class``). ``normalization`` defaults to the dataset's; ``cache_dir`` is
-    also the detector's own when it has one (LFDN keeps its on-the-fly checkpoints there).
+    also the detector's own when it has one (LFDN keeps its on-the-fly checkpoints there; null =
+    ``<default cache root>/<detector name>``, which follows ``$OPENOOD_DIFFGUARD_CACHE``).
     """
     from ..registry import detector_class
 
     wrapper, args = split_wrapper_args(pp)
     cls = detector_class(wrapper.get("detector") or default_name or pp.get("name"))
-    if "cache_dir" in cls.DEFAULTS and wrapper.get("cache_dir"):
-        args.setdefault("cache_dir", wrapper["cache_dir"])
+    if "cache_dir" in cls.DEFAULTS:  # null: under $OPENOOD_DIFFGUARD_CACHE (else ~/.cache/openood_diffguard)
+        from ..cache import default_cache_root
+
+        args.setdefault("cache_dir", wrapper.get("cache_dir") or str(default_cache_root() / cls.name))
     if "normalization" in cls.DEFAULTS and args.get("normalization") is None:
         norm = dataset_normalization(dataset or {})
         if norm is not None:

@@ -6,7 +6,14 @@ images behind their scores, and the run's configuration and timings (``openood-d
 scoring, ``plots`` draws the figures, ``page`` writes the HTML, ``browser`` drives headless Chromium
 (screenshots, the browser test).
 """
-from .page import render, write_report
-from .runs import Run, load_run
+import importlib
+from typing import Any
 
 __all__ = ["Run", "load_run", "render", "write_report"]
+_HOMES = {"Run": "runs", "load_run": "runs", "render": "page", "write_report": "page"}
+
+
+def __getattr__(name: str) -> Any:  # lazy: ``report --help`` must not import matplotlib / torch
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", type=Path, help="HTML file to write (default: report.html in the run folder)")
     p.add_argument("--trust-pickle", action="store_true", help="unpickle OpenOOD .pkl score files without "
                    "restriction (can run code: only for files you trust), as fuse --trust-pickle")
-    p.add_argument("--screenshot", type=Path, help="also render the page in headless Chromium and save a PNG")
+    p.add_argument("--screenshot", type=Path, help="also render the page in headless Chromium and save a PNG there (default: no screenshot)")
     p.add_argument("--width", type=int, default=1280, help="browser window width for --screenshot (pixels)")
 
 

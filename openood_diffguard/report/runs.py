@@ -2,7 +2,7 @@
 
 Three kinds of folders are understood:
 
-- ``demo``: the output of ``openood-diffguard demo`` (``scores.npz`` with ``<method>/{pred,conf,label}``,
+- ``demo``: the output of ``openood-diffguard demo`` (``scores/<method>.npz`` in ``fusion.scores_io``'s format,
   ``summary.json``, ``gallery/``).
 - ``openood``: an output directory of OpenOOD's ``main.py`` (``ood.csv``, ``scores/<dataset>.npz`` with
   ``pred, conf, label`` per test set when ``recorder.save_scores`` is on, ``config.yml``, ``log.txt``) run
@@ -133,17 +133,23 @@ class Run:
 
 # ---------------------------------------------------------------------------------------- demo
 def read_demo(folder: Path) -> Run:
+    from ..demo.run import score_file_stem
+    from ..fusion.scores_io import load_npz
+
     summary = json.loads((folder / "summary.json").read_text())
-    with np.load(folder / "scores.npz", allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
-    names = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in data))
     galleries = load_galleries(folder / "gallery")
     methods = {}
-    for name in names:
-        conf, label, pred = (data[f"{name}/{f}"] for f in ("conf", "label", "pred"))
-        is_id = label >= 0
-        methods[name] = Method(name, {"id_test": Split(conf[is_id], label[is_id], pred[is_id])},
-                               {"ood_test": Split(conf[~is_id], label[~is_id], pred[~is_id])},
+    for name in summary.get("auroc") or {}:  # the demo's methods, in its table's order
+        path = folder / "scores" / f"{score_file_stem(name)}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the demo's score file of {name!r} is missing (is {folder} a complete "
+                                    "openood-diffguard demo output?)")
+        splits = load_npz(path)
+        ood = [k for k in splits if k.startswith(("near/", "far/"))]
+        if "id_test" not in splits or len(ood) != 1:
+            raise ValueError(f"{path}: expected the splits id_test and one OOD test split, got {sorted(splits)}")
+        methods[name] = Method(name, {"id_test": Split(*(splits["id_test"][f] for f in ("conf", "label", "pred")))},
+                               {"ood_test": Split(*(splits[ood[0]][f] for f in ("conf", "label", "pred")))},
                                galleries=galleries.get(name, {}))
     cfg = summary.get("config", {})
     run = Run("demo", "openood-diffguard demo: digits open set", folder, methods,
@@ -172,9 +178,10 @@ def _detector_params(galleries: Mapping[str, Mapping[str, Gallery]]) -> dict:
 
 
 def _check_demo_csv(path: Path, methods: Mapping[str, Method]) -> str:
-    """The demo's metrics.csv equals the metrics recomputed here from scores.npz (2 decimals)."""
-    cols = {"AUROC": "auroc", "AUPR-In": "aupr_in", "AUPR-Out": "aupr_out",
-            "FPR@95 (OOD-positive, OpenOOD)": "fpr95_ood_positive", "FPR@95 (ID-positive, papers)": "fpr95_id_positive"}
+    """The demo's metrics.csv equals the metrics recomputed here from its score files (2 decimals)."""
+    from ..metrics import METRIC_COLUMNS
+
+    cols = {c: f for c, f in METRIC_COLUMNS.items() if c != "ACC"}  # ACC: the classifier's, not the scores'
     worst = 0.0
     n = 0
     for row in csv.DictReader(path.open()):
@@ -187,11 +194,11 @@ def _check_demo_csv(path: Path, methods: Mapping[str, Method]) -> str:
                 worst = max(worst, abs(float(row[col]) - 100 * getattr(ours, f)))
                 n += 1
     if n == 0:
-        return "metrics.csv has no columns this report recognises; metrics below are recomputed from scores.npz"
+        return "metrics.csv has no columns this report recognises; metrics below are recomputed from the score files"
     if worst > 0.0051:
-        raise ValueError(f"{path}: differs from the metrics of scores.npz by {worst:.3f} points; the files are "
+        raise ValueError(f"{path}: differs from the metrics of the score files by {worst:.3f} points; the files are "
                          "from different runs")
-    return f"metrics.csv equals the metrics recomputed from scores.npz ({n} values, to its 2 decimals)"
+    return f"metrics.csv equals the metrics recomputed from the score files ({n} values, to its 2 decimals)"
 
 
 # ---------------------------------------------------------------------------------------- OpenOOD main.py
@@ -383,7 +390,7 @@ def load_run(path: str | Path, trust_pickle: bool = False) -> Run:
         raise FileNotFoundError(f"run folder not found: {path}")
     if path.is_file():
         return read_scores([path], path.parent, trust_pickle)
-    if (path / "summary.json").is_file() and (path / "scores.npz").is_file():
+    if (path / "summary.json").is_file() and (path / "scores").is_dir():
         return read_demo(path)
     if (path / "ood.csv").is_file() or ((path / "scores").is_dir() and (path / "config.yml").is_file()):
         return read_openood(path)
@@ -396,6 +403,6 @@ def load_run(path: str | Path, trust_pickle: bool = False) -> Run:
     if found:
         raise ValueError(f"{path} holds {len(found)} OpenOOD result folders; pass one of them:\n  "
                          + "\n  ".join(str(p) for p in found))
-    raise ValueError(f"{path}: not a run folder. Expected the demo's output (summary.json + scores.npz), an OpenOOD "
+    raise ValueError(f"{path}: not a run folder. Expected the demo's output (summary.json + scores/), an OpenOOD "
                      "main.py output directory (ood.csv, scores/*.npz, config.yml) or score files (.npz / .pkl, "
                      "fuse --json output)")

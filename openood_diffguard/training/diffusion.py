@@ -13,7 +13,6 @@ resumed run draws the same noise, timesteps, flips, label drops, dropout masks a
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -23,21 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-#: the DiffNB / DDPM CIFAR-10 UNet (ch 128, mult 1,2,2,2, 2 res blocks, attention at 16x16, dropout 0.1): 35.7M
-CIFAR_UNET = {"sample_size": 32, "in_channels": 3, "block_out_channels": [128, 256, 256, 256], "layers_per_block": 2,
-              "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-              "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "dropout": 0.1,
-              "norm_num_groups": 32}
-#: a few-thousand-parameter model for tests and demos on CPU
-TINY_UNET = {"sample_size": 8, "in_channels": 1, "block_out_channels": [16, 32], "layers_per_block": 1,
-             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-             "dropout": 0.0, "norm_num_groups": 8}
+from .defaults import CIFAR_UNET, TINY_UNET  # noqa: F401  (re-exported)
+from .defaults import DIFFUSION_TRAIN as TRAIN_DEFAULTS
+
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
              "prediction_type": "epsilon", "clip_sample": False}
-TRAIN_DEFAULTS: dict[str, Any] = {"num_classes": None, "unet": CIFAR_UNET, "steps": 240_000, "batch_size": 128,
-                                  "lr": 2e-4, "weight_decay": 0.0, "warmup": 5000, "grad_clip": 1.0, "ema": 0.9999,
-                                  "label_dropout": 0.1, "hflip": True, "bf16": False, "seed": 0,
-                                  "save_every": 5000, "num_workers": 0}
 ARCH_KEYS = ("num_classes", "unet")
 
 
@@ -180,45 +169,3 @@ def _save(out: Path, ckpt_path: Path, unet, ema, opt, lr_sched, step: int, cfg: 
     ema.save_pretrained(out / "unet")  # the EMA weights are what DiffNB samples with
     sched.save_pretrained(out / "scheduler")
     (out / "train_config.json").write_text(json.dumps({**cfg, "step": step}, indent=1))
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--imglist", help="OpenOOD image list (<relpath> <label> per line), with --data-root")
-    src.add_argument("--image-folder", help="class-per-folder image directory")
-    p.add_argument("--data-root", default=".", help="root the image list's paths are relative to")
-    p.add_argument("--out", required=True, help="output diffusers model directory (resumed if it has checkpoint.pt)")
-    p.add_argument("--num-classes", type=int, default=None, help="C (default: from the data)")
-    p.add_argument("--preset", choices=("cifar", "tiny"), default="cifar", help="UNet size (cifar = 35.7M DiffNB UNet)")
-    p.add_argument("--sample-size", type=int, default=None, help="image side (default: the preset's)")
-    p.add_argument("--channels", type=int, default=None, help="image channels (default: the preset's)")
-    for name in ("steps", "batch_size", "warmup", "save_every", "num_workers", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=TRAIN_DEFAULTS[name])
-    for name in ("lr", "weight_decay", "grad_clip", "ema", "label_dropout"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=TRAIN_DEFAULTS[name])
-    p.add_argument("--no-hflip", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--device", default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .data import ImageFolderDataset, ImageListDataset
-
-    unet = dict(CIFAR_UNET if args.preset == "cifar" else TINY_UNET)
-    if args.sample_size:
-        unet["sample_size"] = args.sample_size
-    if args.channels:
-        unet["in_channels"] = args.channels
-    size, ch = unet["sample_size"], unet["in_channels"]
-    data = (ImageListDataset(args.imglist, args.data_root, size, ch) if args.imglist
-            else ImageFolderDataset(args.image_folder, size, ch))
-    cfg = {"num_classes": args.num_classes or data.num_classes, "unet": unet, "hflip": not args.no_hflip,
-           "bf16": args.bf16}
-    for k in ("steps", "batch_size", "warmup", "save_every", "num_workers", "seed", "lr", "weight_decay", "grad_clip",
-              "ema", "label_dropout"):
-        cfg[k] = getattr(args, k)
-    res = train_diffusion(data, cfg, args.out, resume=not args.no_resume, device=args.device)
-    print(f"step {res['step']}; model directory {res['out_dir']} (load with openood_diffguard.diffusion.load_unet)")
-    return 0

@@ -11,7 +11,6 @@ Checkpoints hold only tensors, numbers and strings, so they load with ``torch.lo
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import os
@@ -26,10 +25,9 @@ from ..networks.lfdn import LFDN_SCHEDULE, LFDNet, lfdn_schedule
 
 FORMAT = "openood-diffguard/lfdn-v2"
 _FORMATS = ("openood-diffguard/lfdn-v1", FORMAT)  # v1: standardised features only, no widths / feature_norm
-TRAIN_DEFAULTS: dict[str, Any] = {"width": 1440, "blocks": 16, "dropout": 0.0, "epochs": 150, "batch_size": 128,
-                                  "lr": 1e-4, "weight_decay": 1e-4, "ema": 0.0, "seed": 0}
-#: the released code's training recipe (main.py defaults, config/Config.yaml), ``variant: code``'s defaults
-CODE_TRAIN: dict[str, Any] = {**TRAIN_DEFAULTS, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.02, "ema": 0.9999}
+# plain data, shared with `train-lfdn --help` (which imports no torch)
+from .defaults import LFDN_CODE_TRAIN as CODE_TRAIN  # noqa: E402
+from .defaults import LFDN_TRAIN as TRAIN_DEFAULTS  # noqa: E402
 _INTS = ("width", "blocks", "epochs", "batch_size", "seed")
 
 
@@ -240,7 +238,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-OPENOOD_NETS = {"resnet18_32x32": "ResNet18_32x32", "resnet18_224x224": "ResNet18_224x224", "resnet50": "ResNet50"}
+from .defaults import OPENOOD_NETWORKS as OPENOOD_NETS  # noqa: E402
 
 
 def build_classifier(network: str, num_classes: int, checkpoint: str | None) -> torch.nn.Module:
@@ -252,8 +250,9 @@ def build_classifier(network: str, num_classes: int, checkpoint: str | None) -> 
         try:
             cls = getattr(importlib.import_module("openood.networks"), OPENOOD_NETS[network])
         except ImportError as err:
-            raise ImportError(f"--network {network} needs OpenOOD: pip install "
-                              "git+https://github.com/Jingkang50/OpenOOD (or pass --network module:Class)") from err
+            from ..openood import INSTALL_HINT
+
+            raise ImportError(f"--network {network} needs OpenOOD (or pass --network module:Class). {INSTALL_HINT}") from err
     elif ":" in network:
         mod, name = network.split(":", 1)
         cls = getattr(importlib.import_module(mod), name)
@@ -290,45 +289,3 @@ class _Normalised(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x, y = self.base[i]
         return self.space.from_unit(((x + 1) / 2)[None])[0], y
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--imglist", required=True, help="OpenOOD ID train image list (<relpath> <label> per line)")
-    p.add_argument("--data-root", default=".", help="root the image list's paths are relative to")
-    p.add_argument("--network", required=True, help=f"{', '.join(OPENOOD_NETS)} (OpenOOD) or package.module:Class")
-    p.add_argument("--classifier", required=True, help="classifier checkpoint (state dict)")
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--normalization", default="cifar10", help="OpenOOD normalization_type of the classifier")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--layers", default="1,2,3,4", help="1-based feature-list indices (ResNet50 seed setting: 1,2,3)")
-    p.add_argument("--out", required=True, help="checkpoint path to write (.pt)")
-    p.add_argument("--feature-batch-size", type=int, default=256)
-    p.add_argument("--variant", default="code", choices=("code", "paper", "ours"),
-                   help="the LFDN detector variant the checkpoint is for: its feature normalisation and (code) the "
-                        "released training recipe as defaults")
-    for name in ("width", "blocks", "epochs", "batch_size", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"default {TRAIN_DEFAULTS[name]} (code: {CODE_TRAIN[name]})")
-    for name in ("lr", "weight_decay", "ema", "dropout"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=None,
-                       help=f"default {TRAIN_DEFAULTS[name]} (code: {CODE_TRAIN[name]})")
-    p.add_argument("--device", default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..detectors.lfdn import VARIANTS
-    from .data import ImageListDataset
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = build_classifier(args.network, args.num_classes, args.classifier).to(device)
-    data = _Normalised(ImageListDataset(args.imglist, args.data_root, args.image_size, args.channels), args.normalization,
-                       args.channels)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.feature_batch_size, shuffle=False)
-    cfg = train_config({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None}, args.variant)
-    layers = [int(i) for i in args.layers.split(",")]
-    ckpt = fit_lfdn(net, loader, layers, cfg, feature_norm=VARIANTS[args.variant]["feature_norm"])
-    path = save_checkpoint(ckpt, args.out)
-    print(f"LFDN checkpoint {path} (final loss {ckpt['history'][-1]:.4f}); use it as postprocessor_args.checkpoint "
-          f"with variant: {args.variant}")
-    return 0
