@@ -102,6 +102,21 @@ def imglist_images(bench: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - mean) / std, torch.tensor([int(l) for _, l in rows])
 
 
+def train_bench_unet(bench: Path) -> Path:
+    """A class-conditional tiny UNet trained for two steps on the benchmark's CIFAR-normalised train images
+    (pixels mapped back to [-1, 1]), saved under ``bench/unet``: a real model_path for our presets."""
+    from openood_diffguard.training.data import TensorImages
+    from openood_diffguard.training.diffusion import TINY_UNET, train_diffusion
+
+    x, y = imglist_images(bench, "train_cifar10")
+    pixels = x * torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    train_diffusion(TensorImages((2 * pixels - 1).clamp(-1, 1), y),
+                    {"num_classes": 10, "unet": {**TINY_UNET, "sample_size": 32, "in_channels": 3}, "steps": 2,
+                     "batch_size": 10, "warmup": 1, "ema": 0.5, "save_every": 2, "hflip": False},
+                    bench / "unet", progress=False, device="cpu")
+    return bench / "unet"
+
+
 def check_evaluator_rows(ev, table, reference=None):
     """Evaluator's DataFrame equals our standalone metrics: of its own cached scores, or of ``reference``
     = ``(id_triple, {ood set: triple})`` computed outside OpenOOD (pred, conf, label)."""

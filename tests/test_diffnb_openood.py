@@ -3,15 +3,14 @@ AUROC per t; here ``aggregate: <t>`` (cheap) selects one t, and a second / third
 (no diffusion call) through OpenOOD's Evaluator and main.py. The rows equal ``openood_diffguard.metrics`` of the
 detector's own per-t confidences computed without OpenOOD."""
 import pytest
-import torch
 
 pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from openood_bench import (CIFAR10_MEAN, CIFAR10_STD, OOD_SETS, build_bench, check_evaluator_rows,  # noqa: E402,F401
-                           check_main_py_csv, cpu_shim, imglist_images, load_net, main_py_argv)
+from openood_bench import (OOD_SETS, build_bench, check_evaluator_rows, check_main_py_csv,  # noqa: E402,F401
+                           cpu_shim, imglist_images, load_net, main_py_argv, train_bench_unet)
 from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section  # noqa: E402
 
 TIMESTEPS = [20, 40]
@@ -22,16 +21,9 @@ SETS = ["test_cifar10", *(f"test_{n}" for g in ("near", "far") for n in OOD_SETS
 def bench(tmp_path_factory):
     """Tiny benchmark + a class-conditional UNet trained for two steps + the packaged diffnb_cifar10 preset
     (variant: code) with the model, two timesteps and R = 1, under config_root."""
-    from openood_diffguard.training.data import TensorImages
-    from openood_diffguard.training.diffusion import TINY_UNET, train_diffusion
 
     root = build_bench(tmp_path_factory.mktemp("diffnb_per_t"))
-    x, y = imglist_images(root, "train_cifar10")
-    pixels = x * torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    train_diffusion(TensorImages((2 * pixels - 1).clamp(-1, 1), y),
-                    {"num_classes": 10, "unet": {**TINY_UNET, "sample_size": 32, "in_channels": 3}, "steps": 2,
-                     "batch_size": 10, "warmup": 1, "ema": 0.5, "save_every": 2, "hflip": False},
-                    root / "unet", progress=False, device="cpu")
+    train_bench_unet(root)
     pp = read_postprocessor_section(PACKAGE_CONFIGS / "diffnb_cifar10.yml")
     assert pp["postprocessor_args"]["variant"] == "code"
     pp["postprocessor_args"].update(model_path=str(root / "unet"), timesteps=TIMESTEPS, repeats=1,

@@ -11,8 +11,7 @@ import yaml
 
 pytestmark = [pytest.mark.openood, pytest.mark.usefixtures("single_thread")]  # skipped (conftest) without OpenOOD
 
-from openood_bench import (CIFAR10_MEAN, CIFAR10_STD, OOD_SETS, build_bench, imglist_images, load_net,  # noqa: E402
-                           main_py_argv)
+from openood_bench import OOD_SETS, build_bench, imglist_images, load_net, main_py_argv, train_bench_unet  # noqa: E402
 from openood_diffguard.report import gallery as G  # noqa: E402
 
 SETS = {"cifar10": "test_cifar10", **{n: f"test_{n}" for g in ("near", "far") for n in OOD_SETS[g]}}
@@ -24,16 +23,9 @@ OVERRIDES = {"num_steps": 4, "dtype": "fp32", "gallery": 3}  # DDIM-4 in fp32 on
 def main_py_run(tmp_path_factory):
     """(benchmark root, main.py output dir, postprocessor section) of one DiffGuard main.py run."""
     from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section
-    from openood_diffguard.training.data import TensorImages
-    from openood_diffguard.training.diffusion import TINY_UNET, train_diffusion
 
     root = build_bench(tmp_path_factory.mktemp("report_openood"))
-    x, y = imglist_images(root, "train_cifar10")
-    pixels = x * torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    train_diffusion(TensorImages((2 * pixels - 1).clamp(-1, 1), y),
-                    {"num_classes": 10, "unet": {**TINY_UNET, "sample_size": 32, "in_channels": 3}, "steps": 2,
-                     "batch_size": 10, "warmup": 1, "ema": 0.5, "save_every": 2, "hflip": False},
-                    root / "unet", progress=False, device="cpu")
+    train_bench_unet(root)
     pp = read_postprocessor_section(PACKAGE_CONFIGS / "diffguard_cifar10.yml")
     pp["postprocessor_args"].update(OVERRIDES, model_path=str(root / "unet"), cache_dir=str(root / "cache"))
     out = _main_py(root, pp, "report")
