@@ -80,3 +80,17 @@ def agreement_row(name: str, a: dict[str, float], *extra: str) -> str:
 def agreement_header(*extra: str) -> str:
     cols = ["comparison", "samples", "Spearman", "AUROC ours", "AUROC official", "AUROC Δ (points)", "max abs diff", *extra]
     return "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|"
+
+
+def write_report(out, title: str, script: str, argv: list[str] | None, setting: str, lines: list[str]) -> None:
+    """A parity result file: title, date, hardware (CPU model, 1 thread), torch, the exact command, then ``lines``.
+    Checkout paths in the command are the user's: the results say which official commit ran, not where."""
+    import datetime
+
+    from _speed import cpu_name
+
+    head = [f"# {title}", "",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU ({cpu_name()}, 1 thread), "
+            f"torch {torch.__version__}, {setting}",
+            f"- command: `python benchmarks/{script} {' '.join(argv if argv is not None else sys.argv[1:])}`"]
+    out.write_text("\n".join(head + [""] + lines) + "\n")

@@ -26,8 +26,6 @@ module, gone from current torchvision, used only for downloads) are restored as 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision before anything imports it)
 
-from _parity import agreement, agreement_header, agreement_row, stub_dist_util, stub_module, varied_images  # noqa: E402
+from _parity import (agreement, agreement_header, agreement_row, stub_dist_util, stub_module, varied_images,  # noqa: E402
+                     write_report)
 
 from openood_diffguard.convert import ldm as ldm_convert  # noqa: E402
 from openood_diffguard.detectors.diffguard import DiffGuard  # noqa: E402
@@ -256,11 +255,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     lines = run(args)
     if args.out:
-        head = ["# DiffGuard LDM path vs the official implementation (numerical parity)", "",
-                f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU "
-                f"({platform.processor() or platform.machine()}, 1 thread), torch {torch.__version__}, fp32",
-                f"- command: `python benchmarks/diffguard_ldm_parity.py {' '.join(argv if argv is not None else sys.argv[1:])}`"]
-        args.out.write_text("\n".join(head + [""] + lines) + "\n")
+        write_report(args.out, "DiffGuard LDM path vs the official implementation (numerical parity)",
+                     "diffguard_ldm_parity.py", argv, "fp32", lines)
     return 0
 
 

@@ -15,9 +15,7 @@ Stubs: ``blobfile``/``mpi4py``-using ``dist_util`` and ``omegaconf`` (unused on 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import platform
 import sys
 import types
 from functools import partial
@@ -31,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import openood_diffguard  # noqa: E402,F401
 
-from _parity import agreement, agreement_header, agreement_row, stub_dist_util, stub_module, varied_images  # noqa: E402
+from _parity import (agreement, agreement_header, agreement_row, stub_dist_util, stub_module, varied_images,  # noqa: E402
+                     write_report)
 
 from openood_diffguard.detectors.diffguard import DiffGuard  # noqa: E402
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
@@ -187,12 +186,8 @@ def main(argv=None) -> int:
         if not (main_same == args.n and main_row["spearman"] >= 0.999 and abs(main_row["auroc_delta"]) <= 0.1):
             lines.append(f"**FAILED the bar** (equal stops, Spearman >= 0.999, |AUROC delta| <= 0.1) at {steps} steps.")
     if args.out:
-        head = ["# DiffGuard GDM path vs the official implementation (numerical parity)", "",
-                f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU "
-                f"({platform.processor() or platform.machine()}, 1 thread), torch {torch.__version__}, {args.dtype}, "
-                f"{args.classifier} ResNet18",
-                f"- command: `python benchmarks/diffguard_official_parity.py {' '.join(argv if argv is not None else sys.argv[1:])}`"]
-        args.out.write_text("\n".join(head + [""] + lines) + "\n")
+        write_report(args.out, "DiffGuard GDM path vs the official implementation (numerical parity)",
+                     "diffguard_official_parity.py", argv, f"{args.dtype}, {args.classifier} ResNet18", lines)
     return 0
 
 
