@@ -16,7 +16,7 @@ Two ways to put the layers on one scale before diffusion (``FEATURE_NORMS``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -25,13 +25,53 @@ from tqdm.auto import tqdm
 DEFAULT_LAYERS = {"resnet18": (1, 2, 3, 4), "resnet50": (1, 2, 3)}
 
 
+class ClassifierOutputs(NamedTuple):
+    """One classifier forward: logits [B, C], the pooled penultimate feature [B, D] (None when not asked for
+    or, with ``feature="optional"``, not offered by the net) and OpenOOD's feature list (``feature="list"``)."""
+
+    logits: torch.Tensor
+    feature: torch.Tensor | None = None
+    maps: list[torch.Tensor] | None = None
+
+
+#: what ``classifier_outputs`` asks the net for
+FEATURE_MODES = ("none", "penultimate", "optional", "list")
+
+
+def classifier_outputs(net: torch.nn.Module, x: torch.Tensor, feature: str = "none",
+                       owner: str = "this detector") -> ClassifierOutputs:
+    """The one forward of an OpenOOD-style classifier every detector and baseline goes through.
+
+    ``feature``: ``"none"`` -> ``net(x)`` (any classifier); ``"penultimate"`` -> ``net(x, return_feature=True)``
+    (OpenOOD nets; an error naming ``owner`` otherwise); ``"optional"`` -> the same, falling back to
+    ``net(x)`` for plain classifiers (``feature`` None); ``"list"`` -> ``net(x, return_feature_list=True)``.
+    The feature is flattened to [B, D]; nothing else is changed (dtype, device), so results are the net's own.
+    """
+    if feature not in FEATURE_MODES:
+        raise ValueError(f"feature must be one of {FEATURE_MODES}, got {feature!r}")
+    if feature == "none":
+        return ClassifierOutputs(net(x))
+    if feature == "list":
+        out = net(x, return_feature_list=True)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (list, tuple))):
+            raise TypeError("the classifier must follow OpenOOD's interface: net(x, return_feature_list=True) -> "
+                            "(logits, [f1, ..., f5])")
+        return ClassifierOutputs(out[0], None, list(out[1]))
+    try:
+        out = net(x, return_feature=True)
+    except TypeError as err:
+        if feature == "optional":  # a plain classifier: logits only
+            return ClassifierOutputs(net(x))
+        raise TypeError(f"{type(net).__name__} does not accept return_feature=True; {owner} needs an OpenOOD-style "
+                        f"net (net(x, return_feature=True) -> (logits, features))") from err
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError("net(x, return_feature=True) must return (logits, features) (OpenOOD's interface)")
+    return ClassifierOutputs(out[0], out[1].flatten(1))
+
+
 def pooled_features(net: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(logits, concatenated pooled features [B, D], per-layer widths) for 1-based ``layers``."""
-    out = net(images, return_feature_list=True)
-    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (list, tuple))):
-        raise TypeError("the classifier must follow OpenOOD's interface: net(x, return_feature_list=True) -> "
-                        "(logits, [f1, ..., f5])")
-    logits, feats = out
+    logits, _, feats = classifier_outputs(net, images, "list")
     if max(layers) > len(feats) or min(layers) < 1:
         raise ValueError(f"layers {list(layers)} out of range: the net returns {len(feats)} feature maps")
     vecs = [feats[i - 1].float().flatten(2).mean(2) if feats[i - 1].ndim > 2 else feats[i - 1].float()

@@ -46,7 +46,9 @@ def test_signs_match_openood_convention():
     base.setup(net, loader(x_train, y_train), cache_key="signs")
     x, _ = make_data(50, seed=1)
     logits, feat = net(x, return_feature=True)
-    s = base.scores(logits, feat)
+    s = base.predict_features(logits, feat)
+    forward = base.forward(net, x)  # the image path: one forward, then predict_features
+    assert all(torch.equal(forward[n], s[n]) for n in base.names) and torch.equal(forward["features"], feat)
     torch.testing.assert_close(s["ebo"], 2.0 * torch.logsumexp(logits / 2.0, 1))
     torch.testing.assert_close(s["mls"], logits.max(1).values)
     # parity with pytorch-ood itself (negated; KNN squared like OpenOOD's faiss distances)
@@ -61,10 +63,10 @@ def test_signs_match_openood_convention():
     f_far = f_train + 50 * null
     lg_train, lg_far = net.fc(f_train), net.fc(f_far)
     torch.testing.assert_close(lg_train, lg_far, atol=1e-3, rtol=1e-3)
-    near, far = base.scores(lg_train, f_train), base.scores(lg_far, f_far)
+    near, far = base.predict_features(lg_train, f_train), base.predict_features(lg_far, f_far)
     assert (near["knn"] > far["knn"]).all() and (near["vim"] > far["vim"]).all()
     peaked = lg_train + 10 * torch.nn.functional.one_hot(lg_train.argmax(1), 4)  # confident: more ID
-    big = base.scores(peaked, f_train)
+    big = base.predict_features(peaked, f_train)
     assert (big["ebo"] > near["ebo"]).all() and (big["mls"] > near["mls"]).all()
 
 
@@ -85,7 +87,7 @@ def test_vim_dim_default_and_errors():
     with pytest.raises(ValueError, match="unknown baseline"):
         Baselines(["odin"])
     with pytest.raises(RuntimeError, match="not fitted"):
-        Baselines(["knn"]).scores(torch.zeros(2, 4), torch.zeros(2, 16))
+        Baselines(["knn"]).predict_features(torch.zeros(2, 4), torch.zeros(2, 16))
 
 
 def test_train_features_cached_per_checkpoint_and_loader(tmp_path):

@@ -125,6 +125,27 @@ def test_score_does_not_depend_on_the_batch(trained, variant, noise):
         det.set_params(timesteps=[3], noise="shared")
 
 
+@pytest.mark.parametrize("noise", ["shared", "per_sample"])
+@pytest.mark.parametrize("variant", ["code", "ours"])
+def test_predict_features_equals_the_image_path(trained, variant, noise):
+    """Precomputed pooled features (pytorch-ood's ``predict_features`` entry) score exactly as the images."""
+    dets, net, x_id, x_ood = trained
+    det = dets[variant]
+    det.set_params(noise=noise, score="lr" if variant == "code" else "mfsim")
+    try:
+        x = torch.cat([x_id[:10], x_ood[:10]])
+        f = pooled_features(net, x, det.params["layers"])[1]
+        keys = det.sample_keys(x)
+        assert torch.equal(det.predict_features(f, noise_keys=keys), det.predict(net, x)[1])
+        if noise == "per_sample":
+            with pytest.raises(ValueError, match="noise_keys"):
+                det.predict_features(f)
+        with pytest.raises(ValueError, match=r"pooled features \[B, 160\]"):
+            det.predict_features(f[:, :100], noise_keys=keys)
+    finally:
+        det.set_params(noise="shared", score="mfsim")
+
+
 def test_per_sample_noise_is_keyed_by_the_image():
     x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x[7] = x[3]

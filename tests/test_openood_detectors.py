@@ -86,15 +86,15 @@ def reference(bench, stem, rule_params=None, checkpoint=None):
             pred, conf = det.predict(net, x)
             out[name] = (pred.numpy(), conf.detach().numpy().astype(np.float64), label.numpy())
     else:  # standalone fusion: pytorch-ood EBO + DiffGuard, ScoreFusion fitted on ID val, APS's parameters
-        from openood_diffguard.fusion.baselines import classifier_forward
+        from openood_diffguard.features import classifier_outputs
 
         baselines = fusion_cfg.build_baselines()
 
         def components(name):
             x, label = imglist_images(bench, name)
             with torch.no_grad():
-                logits, feats = classifier_forward(net, x)
-            ebo = baselines.scores(logits, feats)[fusion_cfg.baseline].numpy()
+                logits, feats, _ = classifier_outputs(net, x, "penultimate")
+            ebo = baselines.predict_features(logits, feats)[fusion_cfg.baseline].numpy()
             return {"baseline": ebo, "diffusion": det.predict(net, x)[1].detach().numpy()}, logits.argmax(1), label
 
         fusion = fusion_cfg.build_fusion().fit(components("val_cifar10")[0])

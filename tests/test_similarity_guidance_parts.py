@@ -79,6 +79,36 @@ def test_logit_similarities():
     assert set(classifier_embedding(net, torch.rand(2, 3, 2, 2))) == {"logits"}
 
 
+def test_classifier_outputs_is_the_one_forward():
+    """features.classifier_outputs: what each mode asks the net for, the net's own tensors back, clear errors."""
+    from digits_net import TinyConvNet
+
+    from openood_diffguard.features import classifier_outputs, pooled_features
+
+    torch.manual_seed(0)
+    net = TinyConvNet().eval()
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    logits, feat = net(x, return_feature=True)
+    plain = classifier_outputs(net, x)
+    assert torch.equal(plain.logits, net(x)) and plain.feature is None and plain.maps is None
+    pen = classifier_outputs(net, x, "penultimate")
+    assert torch.equal(pen.logits, logits) and torch.equal(pen.feature, feat.flatten(1)) and pen.feature.ndim == 2
+    assert torch.equal(classifier_outputs(net, x, "optional").feature, pen.feature)
+    listed = classifier_outputs(net, x, "list")
+    assert len(listed.maps) == 5 and torch.equal(listed.maps[-1].flatten(1), pen.feature)
+    assert torch.equal(pooled_features(net, x, [4])[1], listed.maps[3].flatten(2).mean(2))
+    emb = classifier_embedding(net, x)
+    assert torch.equal(emb["logits"], logits) and torch.equal(emb["feature"], pen.feature)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    assert classifier_outputs(mlp, x, "optional").feature is None  # plain classifiers: logits only
+    with pytest.raises(TypeError, match="does not accept return_feature=True; the baselines need"):
+        classifier_outputs(mlp, x, "penultimate", owner="the baselines")
+    with pytest.raises(TypeError, match="return_feature_list"):
+        classifier_outputs(mlp, x, "list")
+    with pytest.raises(ValueError, match="feature must be one of"):
+        classifier_outputs(net, x, "logits")
+
+
 def test_gradcam_matches_grad_cam_package():
     from pytorch_grad_cam import GradCAM as ReferenceCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

@@ -47,6 +47,7 @@ from ..batching import map_chunks
 from ..diffusion import DDIM, load_unet, noise_to_level
 from ..diffusion.models import COMPUTE_DTYPES
 from ..diffusion.noise import content_key, keyed_normal
+from ..features import classifier_outputs
 from ..guidance import ClassifierFreeGuidance
 from ..space import ImageSpace, resolve_normalization
 from .base import (BACKBONE_PARAMS, Detector, DiffusionBackbone, ParameterError, check_choice, check_classifier_output,
@@ -76,14 +77,11 @@ def _embed(net: torch.nn.Module, x: torch.Tensor, space: str, clip: float | None
     """(logits, representation) of normalised images: logits, or the pooled penultimate feature clipped
     at ``clip`` (paper's ImageNet "feature5" with threshold 0.3, ReAct-style); L2-normalised as the code's
     u = v / (||v|| + 1e-10), or raw (the paper's text)."""
-    if space == "logits":
-        logits = net(x)
-        rep = logits
-    else:
-        logits, rep = net(x, return_feature=True)
-        rep = rep.flatten(1)
-        if clip is not None:
-            rep = rep.clamp(max=clip)
+    out = classifier_outputs(net, x, "none" if space == "logits" else "penultimate", owner="DiffNB (space: feature)")
+    logits = out.logits
+    rep = logits if space == "logits" else out.feature
+    if clip is not None and space != "logits":
+        rep = rep.clamp(max=clip)
     rep = rep.float()
     return logits, rep / (rep.norm(dim=1, keepdim=True) + 1e-10) if l2_normalize else rep
 

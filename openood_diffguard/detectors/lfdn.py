@@ -322,8 +322,10 @@ class LFDN(Detector):
         if widths != self._widths:
             raise ValueError(f"classifier layer widths {widths} differ from the LFDN checkpoint's {self._widths}: "
                              "the checkpoint belongs to another classifier")
-        z0 = self.standardizer(f) if self.feature_norm == "standardize" else layer_normalize(f, widths, self.feature_norm)
-        return logits, z0, widths
+        return logits, self._normalise(f, widths), widths
+
+    def _normalise(self, f: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        return self.standardizer(f) if self.feature_norm == "standardize" else layer_normalize(f, widths, self.feature_norm)
 
     @torch.no_grad()
     def statistics(self, net, images, labels=None) -> dict[str, torch.Tensor]:
@@ -335,14 +337,40 @@ class LFDN(Detector):
         self._ensure_models()
         self._check_classifier(net)
         logits, z0, widths = self.features(net, images)
+        return {"pred": logits.argmax(1), **self._feature_statistics(z0, widths, self.sample_keys(images))}
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor, noise_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Confidence (higher = ID) of precomputed pooled features [B, D] (``features.pooled_features(net, x,
+        layers)[1]``, the classifier's raw features before normalisation), as pytorch-ood's ``predict_features``:
+        equal to ``predict(net, x)[1]``. With ``noise: per_sample`` the noise is keyed by the images, so pass
+        ``noise_keys = self.sample_keys(x)`` (the images' keys; they can be stored instead of the images)."""
+        self._ensure_models()
+        if not torch.is_tensor(features) or features.ndim != 2 or features.shape[1] != sum(self._widths):
+            raise ValueError(f"LFDN.predict_features: features must be pooled features [B, {sum(self._widths)}] "
+                             f"(layers {self.params['layers']}, widths {self._widths}), got "
+                             f"{tuple(features.shape) if torch.is_tensor(features) else type(features).__name__}")
+        if not torch.isfinite(features).all():
+            raise ValueError("LFDN.predict_features: features contain NaN/inf")
+        if self.params["noise"] == "per_sample" and noise_keys is None:
+            raise ValueError("LFDN.predict_features: parameter 'noise' is per_sample, whose noise is keyed by the "
+                             "images: pass noise_keys=detector.sample_keys(images) (or use noise: shared)")
+        if noise_keys is not None and (noise_keys.ndim != 2 or len(noise_keys) != len(features)):
+            raise ValueError(f"LFDN.predict_features: noise_keys must be [B, 2] per-sample keys for {len(features)} "
+                             f"features, got shape {tuple(noise_keys.shape)}")
+        z0 = self._normalise(features.float(), self._widths)
+        return self.confidence(self._feature_statistics(z0, self._widths, noise_keys))
+
+    def _feature_statistics(self, z0: torch.Tensor, widths: list[int], keys: torch.Tensor | None
+                            ) -> dict[str, torch.Tensor]:
+        """Per-sample reconstruction errors / layer cosines of normalised features ``z0`` (noise keyed by ``keys``)."""
         D = z0.shape[1]
         bounds = torch.tensor([0, *widths]).cumsum(0).tolist()
         mean_mse = self.option("mse") == "mean"
         models = {"": self.final.to(z0.device)}
         if self.first is not None:
             models["first_"] = self.first.to(z0.device)
-        stats = {"pred": logits.argmax(1)}
-        keys = self.sample_keys(images)
+        stats = {}
         for t in (int(t) for t in self.params["timesteps"]):
             for prefix, model in models.items():
                 shared = prefix == "" or self.option("lr_shared_noise")

@@ -11,9 +11,10 @@ EBO, MLS, KNN and ViM are pytorch-ood's implementations (not rewritten here). py
 | ``vim`` | ``ViM(d, W, b)`` | ``-score`` = ``logsumexp(z) - alpha * ||residual||`` |
 
 Argument names follow OpenOOD's ymls (``temperature``, ``K``, ``dim``) so one preset drives both paths.
-All baselines are computed from one classifier forward (``net(x, return_feature=True)``), which also gives
-``pred``; KNN and ViM are fitted on ID train features that are extracted once per (checkpoint, loader)
-and cached in memory (and on disk with ``cache_dir``).
+All baselines are computed from one classifier forward (``features.classifier_outputs``), which also gives
+``pred``; precomputed logits + penultimate features are scored by ``Baselines.predict_features`` (pytorch-ood's
+name). KNN and ViM are fitted on ID train features that are extracted once per (checkpoint, loader) and cached
+in memory (and on disk with ``cache_dir``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..features import classifier_outputs
 
 BASELINE_ARGS: dict[str, dict[str, Any]] = {
     "ebo": {"temperature": 1.0},
@@ -56,19 +59,6 @@ def check_vim_dim(dim: int, feature_dim: int) -> int:
                          f"residual space would be empty and the score NaN); use {vim_default_dim(feature_dim)}, "
                          f"e.g. dim_list: [256] on 512-d ResNet18 nets")
     return int(dim)
-
-
-def classifier_forward(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits [B, C], features [B, D])`` from an OpenOOD-style net in one forward."""
-    try:
-        out = net(x, return_feature=True)
-    except TypeError as err:
-        raise TypeError(f"{type(net).__name__} does not accept return_feature=True; baselines need an "
-                        f"OpenOOD-style net (net(x, return_feature=True) -> (logits, features))") from err
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError("net(x, return_feature=True) must return (logits, features)")
-    logits, feat = out
-    return logits, feat.flatten(1)
 
 
 def _batches(loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -158,7 +148,7 @@ def train_features(net: torch.nn.Module, loader: Iterable, cache_key: str | None
     feats, labels = [], []
     with torch.no_grad():
         for x, y in tqdm(_batches(loader), disable=not progress, desc="baseline train features"):
-            feats.append(classifier_forward(net, x.to(device))[1].float().cpu())
+            feats.append(classifier_outputs(net, x.to(device), "penultimate", owner="the baselines").feature.float().cpu())
             labels.append(y.cpu())
     net.train(was_training)
     if not feats:
@@ -226,8 +216,10 @@ class Baselines:
             self.detectors["vim"] = vim.fit_features(feats, labels)
         return self
 
-    def scores(self, logits: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All baseline confidences (higher = ID, float32, on ``logits.device``) from one forward's outputs."""
+    def predict_features(self, logits: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All baseline confidences (higher = ID, float32, on ``logits.device``) from precomputed classifier
+        outputs: ``logits`` [B, C] and penultimate ``features`` [B, D] (``features.classifier_outputs(net, x,
+        "penultimate")``), as pytorch-ood's ``predict_features``; ``forward`` is this after one forward."""
         missing = [n for n in self.args if n not in self.detectors]
         if missing:
             raise RuntimeError(f"baselines {missing} are not fitted: call setup(net, train_loader) first")
@@ -244,8 +236,8 @@ class Baselines:
 
     def forward(self, net: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One classifier forward -> ``pred``, ``logits``, ``features`` and every baseline confidence."""
-        logits, feat = classifier_forward(net, x)
-        return {"pred": logits.argmax(1), "logits": logits, "features": feat, **self.scores(logits, feat)}
+        logits, feat, _ = classifier_outputs(net, x, "penultimate", owner="the baselines")
+        return {"pred": logits.argmax(1), "logits": logits, "features": feat, **self.predict_features(logits, feat)}
 
     @torch.no_grad()
     def score_loader(self, net: torch.nn.Module, loader: Iterable, progress: bool = True,

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..features import classifier_outputs
+
 
 def logits_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -(a.float() - b.float()).abs().sum(1)
@@ -36,12 +38,9 @@ EMBEDDING_SIMILARITIES: dict[str, tuple[str, Callable[[torch.Tensor, torch.Tenso
 
 def classifier_embedding(net: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """{'logits': [B, C], 'feature': [B, D] or absent} for OpenOOD nets (``return_feature=True``) or
-    plain classifiers (logits only)."""
-    try:
-        logits, feat = net(x, return_feature=True)
-    except TypeError:
-        return {"logits": net(x)}
-    return {"logits": logits, "feature": feat.flatten(1)}
+    plain classifiers (logits only); one forward through ``features.classifier_outputs``."""
+    out = classifier_outputs(net, x, "optional")
+    return {"logits": out.logits} if out.feature is None else {"logits": out.logits, "feature": out.feature}
 
 
 def embedding_similarities(ref: dict[str, torch.Tensor], syn: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
