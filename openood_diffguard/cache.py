@@ -76,10 +76,12 @@ def hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
 
 
 def module_fingerprint(net: torch.nn.Module) -> str:
-    """Hash of a network's weights (names, shapes, dtypes, values): the 'checkpoint hash' of the cache key."""
+    """Hash of a network's weights (names, shapes, dtypes, values; any dtype, bf16 included): the one weights
+    fingerprint of the package (score-cache namespaces, the baselines' feature cache, LFDN checkpoints'
+    ``classifier_hash``). A DataParallel ``module.`` prefix is ignored: a wrapped net is the same checkpoint."""
     h = hashlib.sha256()
     for name, t in net.state_dict().items():
-        hash_tensor(h, name, t)
+        hash_tensor(h, name.removeprefix("module."), t)
     return h.hexdigest()[:16]
 
 
@@ -385,9 +387,20 @@ def _transform_repr(t: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)  # default reprs carry memory addresses
 
 
-def loader_source(loader: Any) -> str:
-    """Identity of the data behind a loader: image folder (or imglist/name) and the test transform."""
+def loader_source(loader: Any, *, content: bool = False) -> str | None:
+    """Identity of the data behind a loader that is the same in every process (never an object id).
+
+    ``content=False`` (score-cache sample keys, which add each image's name or index): where the names live,
+    the image folder (else image list / name) and the test transform; ``"batches"`` for plain iterables.
+
+    ``content=True`` (caches of results over a whole set, e.g. the baselines' ID train features): which
+    samples, by content and without reading images: OpenOOD image lists (folder, lines, transform),
+    torchvision folders (root, samples, transform), ``TensorDataset`` and in-memory lists of batches (their
+    tensors). None when a loader has no such identity: then its results must not be cached across processes.
+    """
     ds = getattr(loader, "dataset", None)
+    if content:
+        return _content_identity(loader if ds is None else ds)
     if ds is None:  # a plain iterable of batch dicts: image names / indices are the only identity
         return "batches"
     parts: Iterable[Any] = (
@@ -398,6 +411,32 @@ def loader_source(loader: Any) -> str:
         _transform_repr(getattr(ds, "transform_image", None) or getattr(ds, "transform", None)),
     )
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def _content_identity(ds: Any) -> str | None:
+    transform = _transform_repr(getattr(ds, "transform_image", None) or getattr(ds, "transform", None))
+    h = hashlib.sha256()
+    imglist, samples, tensors = getattr(ds, "imglist", None), getattr(ds, "samples", None), getattr(ds, "tensors", None)
+    if isinstance(imglist, (list, tuple)) and all(isinstance(line, str) for line in imglist):
+        folder = os.path.abspath(str(ds.data_dir)) if getattr(ds, "data_dir", None) else ""
+        h.update(f"{type(ds).__name__}|{folder}|{transform}|{len(imglist)}|".encode())
+        for line in imglist:
+            h.update(line.encode())
+        return "imglist-" + h.hexdigest()[:16]
+    if isinstance(samples, list) and getattr(ds, "root", None) is not None:
+        h.update(f"{type(ds).__name__}|{os.path.abspath(str(ds.root))}|{samples}|{transform}".encode())
+        return "folder-" + h.hexdigest()[:16]
+    if isinstance(tensors, tuple) and tensors and all(torch.is_tensor(t) for t in tensors):
+        for i, t in enumerate(tensors):
+            hash_tensor(h, str(i), t)
+        return "tensors-" + h.hexdigest()[:16]
+    if isinstance(ds, (list, tuple)) and ds:
+        for i, batch in enumerate(ds):
+            x, y = (batch["data"], batch["label"]) if isinstance(batch, Mapping) else (batch[0], batch[1])
+            hash_tensor(h, f"{i}.data", torch.as_tensor(x))
+            hash_tensor(h, f"{i}.label", torch.as_tensor(y))
+        return "batches-" + h.hexdigest()[:16]
+    return None
 
 
 class Scored(NamedTuple):

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from digits_net import TinyConvNet, digits_split, trained_digits_net, single_thread  # noqa: F401 (autouse)
-from openood_diffguard.cache import ScoreCache, cached_statistics
+from openood_diffguard.cache import ScoreCache, cached_statistics, module_fingerprint
 from openood_diffguard.detectors.base import ParameterError
 from openood_diffguard.detectors.lfdn import LFDN, VARIANTS
 from openood_diffguard.features import FeatureStandardizer, layer_normalize, pooled_features
 from openood_diffguard.networks import LFDNet, lfdn_schedule
 from openood_diffguard.networks.lfdn import from_released_state_dict, to_released_state_dict
-from openood_diffguard.training.lfdn import (CODE_TRAIN, classifier_hash, load_checkpoint, loader_identity,
+from openood_diffguard.training.lfdn import (CODE_TRAIN, legacy_classifier_hash, load_checkpoint, loader_identity,
                                              save_checkpoint, train_config, train_lfdn)
 
 TRAIN = {"width": 64, "blocks": 2, "epochs": 20, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "ema": 0.0}
@@ -330,8 +330,15 @@ def test_loader_identity_of_openood_image_lists():
 def test_checkpoint_for_another_classifier_or_variant_is_refused(trained, tmp_path):
     dets, net, x_id, _ = trained
     path = dets["code"]._loaded_from
-    assert load_checkpoint(path)["classifier_hash"] == classifier_hash(net)
+    assert load_checkpoint(path)["classifier_hash"] == module_fingerprint(net)  # the one weights fingerprint
     same_arch = TinyConvNet().eval()  # same widths, other weights
+    # a checkpoint written before format v3 stored another hash of the weights: still checked with it
+    raw = torch.load(path, weights_only=True)
+    v2 = save_checkpoint({**raw, "format": "openood-diffguard/lfdn-v2", "classifier_hash": legacy_classifier_hash(net)},
+                         tmp_path / "v2.pt")
+    LFDN(variant="code", checkpoint=str(v2), **DIGITS).setup(net)
+    with pytest.raises(ValueError, match="another classifier"):
+        LFDN(variant="code", checkpoint=str(v2), **DIGITS).setup(same_arch)
     det = LFDN(variant="code", checkpoint=path, **DIGITS)
     with pytest.raises(ValueError, match="another classifier"):
         det.setup(same_arch)

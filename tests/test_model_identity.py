@@ -1,5 +1,8 @@
 """Score-cache identity follows the content of the models actually used (issue #14 item 1), and the
 wrapper's ``cache`` / ``APS_mode`` switches parse strictly (item 5)."""
+import copy
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -8,7 +11,7 @@ import torch
 
 from digits_net import single_thread  # noqa: F401 (autouse: one CPU thread)
 from ood_toys import ToyDetector, batches, tiny_net
-from openood_diffguard.cache import ScoreCache, cached_statistics, module_fingerprint, namespace
+from openood_diffguard.cache import ScoreCache, cached_statistics, loader_source, module_fingerprint, namespace
 from openood_diffguard.detectors.diffguard import DiffGuard
 from openood_diffguard.detectors.diffnb import DiffNB
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter
@@ -159,8 +162,11 @@ def test_baseline_feature_cache_keys_on_content(tmp_path):
     from openood_diffguard.fusion import baselines as B
 
     net, (x, y) = OpenOODStyleNet(), make_data(120)
-    assert B.net_fingerprint(net.to(torch.bfloat16)) != B.net_fingerprint(net.float())  # bf16 used to raise
     B._TRAIN_FEATURES.clear()
+    # a bf16 classifier is keyed by the one weights fingerprint (the baselines' own hash used to raise on bf16)
+    half = B.train_features(copy.deepcopy(net).to(torch.bfloat16), loader(x.bfloat16(), y), cache_dir=tmp_path,
+                            progress=False)
+    assert half[0].dtype == torch.float32 and len(list(tmp_path.glob("train_features_*"))) == 1
     net.forwards = 0
     first = B.train_features(net, loader(x, y), cache_dir=tmp_path, progress=False)
     n = net.forwards
@@ -170,8 +176,8 @@ def test_baseline_feature_cache_keys_on_content(tmp_path):
     B.train_features(net, loader(x[:60], y[:60]), cache_dir=tmp_path, progress=False)
     assert net.forwards > n  # other data, other entry
     tds = torch.utils.data.TensorDataset(x, y)
-    assert B.loader_fingerprint(torch.utils.data.DataLoader(tds)) == B.loader_fingerprint(
-        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.clone(), y.clone())))
+    same = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.clone(), y.clone()))
+    assert loader_source(torch.utils.data.DataLoader(tds), content=True) == loader_source(same, content=True)
 
 
 def test_baseline_feature_cache_without_content_identity_stays_in_memory(tmp_path):
@@ -201,3 +207,43 @@ def test_baseline_feature_cache_without_content_identity_stays_in_memory(tmp_pat
                               progress=False)
     assert not torch.equal(f1[0], f2[0])  # same type and length, other data: never served the first's features
     assert not list(tmp_path.glob("train_features_*"))
+
+
+_IDENTITY_SCRIPT = """
+import torch
+from openood_diffguard.cache import loader_source, module_fingerprint
+
+class Transform:  # default repr: carries a memory address that differs per process
+    pass
+
+class ImglistDataset:  # OpenOOD's attributes; no image is read
+    def __init__(self):
+        self.imglist, self.data_dir, self.transform_image = ["a.png 0\\n", "b.png 1\\n"], "images/", Transform()
+    def __len__(self):
+        return 2
+
+loader = torch.utils.data.DataLoader(ImglistDataset())
+torch.manual_seed(0)
+net = torch.nn.Linear(3, 2)
+wrapped = torch.nn.DataParallel(net)
+print(loader_source(loader, content=True), loader_source(loader), module_fingerprint(net), module_fingerprint(wrapped))
+"""
+
+
+def test_loader_and_weights_identity_are_the_same_in_another_process(tmp_path):
+    """The baselines' feature cache and the score cache must find a set again in a later process: the
+    identity is computed from content, never from an object id or address; a relative folder is resolved."""
+    import os
+
+    def run(cwd):
+        cwd.mkdir(exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        out = subprocess.run([sys.executable, "-c", _IDENTITY_SCRIPT], cwd=cwd, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    first, again, elsewhere = run(tmp_path / "a"), run(tmp_path / "a"), run(tmp_path / "b")
+    assert first == again and first[0].startswith("imglist-")
+    assert first[2] == first[3]  # a DataParallel wrapper is the same checkpoint
+    assert elsewhere[0] != first[0] and elsewhere[1] != first[1]  # "images/" under another directory: other data

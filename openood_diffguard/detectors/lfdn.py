@@ -147,8 +147,8 @@ class LFDN(Detector):
         self._check_classifier(net)
 
     def _fit_or_load_cached(self, net, id_loaders) -> None:
-        from ..training.lfdn import (FORMAT, classifier_hash, fit_lfdn, loader_identity, save_checkpoint,
-                                     train_config)
+        from ..cache import module_fingerprint
+        from ..training.lfdn import FORMAT, fit_lfdn, loader_identity, save_checkpoint, train_config
 
         if not id_loaders or "train" not in id_loaders:
             raise ValueError("LFDN has no checkpoint: setup() needs the ID train loader (id_loader_dict['train']) "
@@ -157,7 +157,7 @@ class LFDN(Detector):
         cfg = train_config(self.params["train"], self.params["variant"])
         # everything the trained model depends on: classifier weights, training data (files + transform, or
         # content), layers, feature normalisation, training options and the checkpoint format
-        ident = {"format": FORMAT, "classifier": classifier_hash(net), "data": loader_identity(loader),
+        ident = {"format": FORMAT, "classifier": module_fingerprint(net), "data": loader_identity(loader),
                  "layers": [int(i) for i in self.params["layers"]], "feature_norm": self.feature_norm, "train": cfg}
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
         cached = Path(self.params["cache_dir"]).expanduser() / f"lfdn_{key}.pt"
@@ -200,11 +200,11 @@ class LFDN(Detector):
         if (self.feature_norm == "standardize") != (standardizer is not None):
             raise ValueError(f"variant {self.params['variant']!r} ({self.feature_norm} features) "
                              f"{'needs' if self.feature_norm == 'standardize' else 'takes no'} standardizer")
-        from ..training.lfdn import classifier_hash
+        from ..cache import module_fingerprint
 
         self.final, self.first, self.standardizer = final.eval(), None if first is None else first.eval(), standardizer
         self._schedule, self._widths = schedule or lfdn_schedule(), [int(w) for w in widths]
-        self._classifier_hash = None if classifier is None else classifier_hash(classifier)
+        self._classifier_hash = None if classifier is None else module_fingerprint(classifier)
         self._checked_nets, self._loaded_from = {}, "<set_models>"
         return self
 
@@ -220,9 +220,11 @@ class LFDN(Detector):
         checked = self.__dict__.setdefault("_checked_nets", {})
         if expected is None or checked.get(id(net)) is net:
             return
-        from ..training.lfdn import classifier_hash
+        from ..cache import module_fingerprint
+        from ..training.lfdn import LEGACY_HASH, legacy_classifier_hash
 
-        found = classifier_hash(net)
+        legacy = expected.startswith(LEGACY_HASH)  # a checkpoint written before the one weights fingerprint
+        found = LEGACY_HASH + legacy_classifier_hash(net) if legacy else module_fingerprint(net)
         if found != expected:
             raise ValueError(f"the LFDN checkpoint {getattr(self, '_loaded_from', '')} was trained on the features "
                              f"of another classifier (weights hash {expected}, this one {found}): train an LFDN for "

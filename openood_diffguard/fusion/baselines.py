@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cache import atomic_write, loader_source, module_fingerprint
 from ..features import classifier_outputs
 
 BASELINE_ARGS: dict[str, dict[str, Any]] = {
@@ -69,75 +70,27 @@ def _batches(loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             yield batch[0], torch.as_tensor(batch[1])
 
 
-def net_fingerprint(net: torch.nn.Module) -> str:
-    """Hash of the weights: identifies the checkpoint whatever path it was loaded from (any dtype)."""
-    from ..cache import module_fingerprint
-
-    return module_fingerprint(net)
-
-
-def loader_fingerprint(loader: Any) -> str | None:
-    """Content identity of a loader's data, or None when there is none to compute cheaply.
-
-    OpenOOD image lists (lines, data dir, transform), torchvision folder datasets (root, samples, transform),
-    ``TensorDataset`` and in-memory lists of batches (their tensors) are identified by content, so a later
-    process finds their cached features. Anything else has no identity that survives the process.
-    """
-    from ..cache import _transform_repr, hash_tensor
-
-    ds = getattr(loader, "dataset", loader)
-    transform = _transform_repr(getattr(ds, "transform_image", None) or getattr(ds, "transform", None))
-    h = hashlib.sha256()
-    imglist = getattr(ds, "imglist", None)
-    samples = getattr(ds, "samples", None)
-    tensors = getattr(ds, "tensors", None)
-    if imglist is not None:
-        h.update(("\n".join(map(str, imglist)) + f"|{getattr(ds, 'data_dir', '')}|{transform}").encode())
-        return "imglist-" + h.hexdigest()[:16]
-    if isinstance(samples, list) and getattr(ds, "root", None) is not None:
-        h.update(f"{type(ds).__name__}|{ds.root}|{samples}|{transform}".encode())
-        return "folder-" + h.hexdigest()[:16]
-    if isinstance(tensors, tuple) and tensors and all(torch.is_tensor(t) for t in tensors):
-        for i, t in enumerate(tensors):
-            hash_tensor(h, str(i), t)
-        return "tensors-" + h.hexdigest()[:16]
-    if isinstance(ds, (list, tuple)) and ds:
-        for i, (x, y) in enumerate(_batches(ds)):
-            hash_tensor(h, f"{i}.data", torch.as_tensor(x))
-            hash_tensor(h, f"{i}.label", torch.as_tensor(y))
-        return "batches-" + h.hexdigest()[:16]
-    return None
-
-
-#: loaders without a content identity whose features are cached in memory: held, so their id is never reused
-_HELD_LOADERS: dict[str, Any] = {}
-
-
 def train_features(net: torch.nn.Module, loader: Iterable, cache_key: str | None = None,
                    cache_dir: str | Path | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """ID train features and labels (CPU), extracted once per (checkpoint, loader content) and cached.
 
-    The key is the weights' hash and ``loader_fingerprint``; ``cache_key`` overrides it (e.g. checkpoint
-    path + image list). With ``cache_dir`` the features are also stored as
-    ``<cache_dir>/train_features_<key>.pt`` for later processes (only for loaders with a content identity).
+    The key is the weights' hash (``cache.module_fingerprint``) and the loader's content identity
+    (``cache.loader_source(loader, content=True)``); ``cache_key`` overrides it (e.g. checkpoint path + image
+    list). With ``cache_dir`` the features are also stored as ``<cache_dir>/train_features_<key>.pt`` for later
+    processes. A loader without a content identity (and no ``cache_key``) is not cached at all: its features
+    are extracted on every call (a key by object would serve stale features once the object is gone).
     """
-    on_disk = True
     if cache_key is None:
-        identity = loader_fingerprint(loader)
-        if identity is None:  # no content identity: this very object, in this process only
-            ds = getattr(loader, "dataset", loader)
-            identity, on_disk = f"object-{id(ds)}", False
-            if cache_dir is not None:
-                warnings.warn(f"train_features: the data of {type(ds).__name__} cannot be identified by content "
-                              "(not an image list, folder, TensorDataset or list of batches); its features are "
-                              "not cached on disk: pass cache_key to name them")
-        cache_key = f"{net_fingerprint(net)}-{identity}"
-    key = hashlib.sha256(cache_key.encode()).hexdigest()[:20]
-    if not on_disk:
-        _HELD_LOADERS[key] = getattr(loader, "dataset", loader)
+        identity = loader_source(loader, content=True)
+        if identity is None and cache_dir is not None:
+            warnings.warn(f"train_features: the data of {type(getattr(loader, 'dataset', loader)).__name__} cannot "
+                          "be identified by content (not an image list, folder, TensorDataset or list of batches); "
+                          "its features are not cached on disk: pass cache_key to name them")
+        cache_key = None if identity is None else f"{module_fingerprint(net)}-{identity}"
+    key = None if cache_key is None else hashlib.sha256(cache_key.encode()).hexdigest()[:20]
     if key in _TRAIN_FEATURES:
         return _TRAIN_FEATURES[key]
-    path = Path(cache_dir) / f"train_features_{key}.pt" if cache_dir is not None and on_disk else None
+    path = Path(cache_dir) / f"train_features_{key}.pt" if cache_dir is not None and key is not None else None
     if path is not None and path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         _TRAIN_FEATURES[key] = (blob["features"], blob["labels"])
@@ -155,10 +108,9 @@ def train_features(net: torch.nn.Module, loader: Iterable, cache_key: str | None
         raise ValueError("the ID train loader is empty: KNN/ViM need ID train features")
     out = (torch.cat(feats), torch.cat(labels))
     if path is not None:
-        from ..cache import atomic_write
-
         atomic_write(path, lambda f: torch.save({"features": out[0], "labels": out[1]}, f))  # all or nothing
-    _TRAIN_FEATURES[key] = out
+    if key is not None:
+        _TRAIN_FEATURES[key] = out
     return out
 
 

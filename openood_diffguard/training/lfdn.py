@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..cache import module_fingerprint
 from ..features import FEATURE_NORMS, FeatureStandardizer, extract_features, layer_normalize
 from ..networks.lfdn import LFDN_SCHEDULE, LFDNet, lfdn_schedule
 
-FORMAT = "openood-diffguard/lfdn-v2"
-_FORMATS = ("openood-diffguard/lfdn-v1", FORMAT)  # v1: standardised features only, no widths / feature_norm
+FORMAT = "openood-diffguard/lfdn-v3"
+# v1: standardised features only, no widths / feature_norm; v1-v2: classifier_hash = legacy_classifier_hash
+_FORMATS = ("openood-diffguard/lfdn-v1", "openood-diffguard/lfdn-v2", FORMAT)
 # plain data, shared with `train-lfdn --help` (which imports no torch)
 from .defaults import LFDN_CODE_TRAIN as CODE_TRAIN  # noqa: E402
 from .defaults import LFDN_TRAIN as TRAIN_DEFAULTS  # noqa: E402
@@ -104,10 +105,14 @@ def train_lfdn(z0: torch.Tensor, config: dict | None = None, progress: bool = Tr
     return {"final": final, "first": first, "history": history, "config": cfg}
 
 
-def classifier_hash(net: torch.nn.Module) -> str:
-    """Content hash of a classifier's weights: the LFDN checkpoint's ``classifier_hash`` (a checkpoint is only
-    used with the classifier it was trained on) and part of the on-the-fly cache key. A DataParallel
-    ``module.`` prefix is ignored."""
+#: marks a ``classifier_hash`` read from a checkpoint older than ``FORMAT`` (see ``legacy_classifier_hash``)
+LEGACY_HASH = "legacy:"
+
+
+def legacy_classifier_hash(net: torch.nn.Module) -> str:
+    """The weights hash LFDN checkpoints of formats v1 / v2 stored (sorted names without a DataParallel prefix,
+    raw bytes, no shapes / dtypes). Only to check those checkpoints against a classifier: everything written now
+    uses ``cache.module_fingerprint``."""
     h = hashlib.sha256()
     for k, v in sorted(net.state_dict().items()):
         h.update(k.removeprefix("module.").encode())
@@ -115,35 +120,30 @@ def classifier_hash(net: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _tensor_bytes(x: Any) -> bytes:
-    x = torch.as_tensor(x).detach().cpu().contiguous()
-    return f"{tuple(x.shape)}{x.dtype}".encode() + (x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-
-
 def loader_identity(loader: Iterable) -> str:
     """Identity of the ID training data behind a loader, for the on-the-fly checkpoint's cache key.
 
-    An OpenOOD image-list dataset (``imglist`` lines + ``data_dir``) is identified by its image list, image
-    folder, transform and length, without reading images: ``main.py``'s augmented train loader and the
-    Evaluator's plain one differ by their transforms. Any other loader by the content of its samples
-    (order-free, so a shuffling loader keeps its key; a randomly augmenting one gets a new key per pass)."""
-    from ..cache import _transform_repr
+    An OpenOOD image-list dataset is identified by ``cache.loader_source(loader, content=True)`` (image list,
+    image folder, transform; no image is read): ``main.py``'s augmented train loader and the Evaluator's plain
+    one differ by their transforms. Any other loader by the content of its samples (order-free, so a shuffling
+    loader keeps its key; a randomly augmenting one gets a new key per pass)."""
+    from ..cache import hash_tensor, loader_source
 
-    ds = getattr(loader, "dataset", None)
-    h = hashlib.sha256()
-    imglist = getattr(ds, "imglist", None)
-    if isinstance(imglist, (list, tuple)) and all(isinstance(line, str) for line in imglist) and hasattr(ds, "data_dir"):
-        transform = getattr(ds, "transform_image", None) or getattr(ds, "transform", None)
-        h.update(repr((type(ds).__name__, os.path.abspath(str(ds.data_dir)), len(ds), _transform_repr(transform))).encode())
-        for line in imglist:
-            h.update(line.encode())
-        return "imglist:" + h.hexdigest()[:20]
+    if isinstance(getattr(getattr(loader, "dataset", None), "imglist", None), (list, tuple)):
+        identity = loader_source(loader, content=True)
+        if identity is not None:
+            return identity
     rows = []
     for batch in loader:
         x, y = (batch["data"], batch.get("label")) if isinstance(batch, Mapping) else (batch[0], batch[1])
         x = torch.as_tensor(x).detach().cpu().contiguous()
         y = torch.zeros(len(x)) if y is None else torch.as_tensor(y).cpu()
-        rows += [hashlib.sha256(_tensor_bytes(xi) + _tensor_bytes(yi)).digest() for xi, yi in zip(x, y)]
+        for xi, yi in zip(x, y):  # one digest per sample: sorted below, so the key does not follow the order
+            h = hashlib.sha256()
+            hash_tensor(h, "x", xi)
+            hash_tensor(h, "y", yi)
+            rows.append(h.digest())
+    h = hashlib.sha256()
     for r in sorted(rows):
         h.update(r)
     return f"content:{len(rows)}:" + h.hexdigest()[:20]
@@ -169,7 +169,7 @@ def fit_lfdn(net: torch.nn.Module, loader: Iterable, layers: Sequence[int], conf
     z0, std = normalize_features(feats, widths, feature_norm)
     device = next(net.parameters()).device
     result = train_lfdn(z0.to(device), config, progress=progress)
-    return make_checkpoint(result, std, layers, classifier_hash(net), widths=widths, feature_norm=feature_norm)
+    return make_checkpoint(result, std, layers, module_fingerprint(net), widths=widths, feature_norm=feature_norm)
 
 
 def make_checkpoint(result: dict, standardizer: FeatureStandardizer | None, layers: Sequence[int], clf_hash: str,
@@ -215,8 +215,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise RuntimeError(f"could not read LFDN checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") not in _FORMATS:
         raise ValueError(f"{path} is not an LFDN checkpoint written by openood-diffguard (format {FORMAT!r})")
-    if ckpt["format"] != FORMAT:  # v1: always standardised features
+    if ckpt["format"] == _FORMATS[0]:  # v1: always standardised features
         ckpt = {**ckpt, "feature_norm": "standardize", "widths": [int(w) for w in ckpt["standardizer"]["widths"]]}
+    if ckpt["format"] != FORMAT:  # v1 / v2: the classifier is checked with the hash they were written with
+        ckpt = {**ckpt, "classifier_hash": LEGACY_HASH + ckpt["classifier_hash"]}
     if ckpt["feature_norm"] not in FEATURE_NORMS or (ckpt["feature_norm"] == "standardize") != (ckpt["standardizer"] is not None):
         raise ValueError(f"LFDN checkpoint {path}: inconsistent feature_norm {ckpt['feature_norm']!r} / standardiser")
     models = {}
