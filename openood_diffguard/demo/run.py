@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache import ScoreCache, cached_statistics, default_cache_root, module_fingerprint, namespace
 from ..data import DigitsOpenSet
 from ..detectors.diffguard import DiffGuard
 from ..detectors.diffnb import DiffNB
@@ -32,6 +31,7 @@ from ..fusion.baselines import Baselines
 from ..fusion.scores_io import save_scores_npz
 from ..metrics import FPR_LEGEND, METRIC_COLUMNS, format_table, ood_metrics, table_row
 from ..networks import SmallResNet
+from ..openood.inference import open_store, score
 from ..report import write_report
 from ..report.gallery import save_gallery
 from ..training.classifier import accuracy, train_classifier
@@ -145,14 +145,11 @@ def build_detectors(unet_dir: Path, cfg: DemoConfig, num_classes: int, cache: Pa
 
 
 def _score(detector, net, loader, root: Path, progress: bool, gallery: dict | None = None):
-    """Cached per-sample statistics -> ((pred, conf, label), rows computed now), as
-    ``DetectorPostprocessor.inference`` does; ``gallery``: also keep the report's gallery of this split
-    (``report.gallery.save_gallery`` arguments)."""
-    store = ScoreCache(root, namespace(detector.cache_key(), module_fingerprint(net)))
-    with torch.set_grad_enabled(True):  # guidance / Grad-CAM need gradients
-        out = cached_statistics(detector, net, loader, store, progress)
-    stats = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.stats.items()}
-    conf = detector.confidence(stats).numpy()
+    """Cached per-sample statistics -> ((pred, conf, label), rows computed now), through the scoring path of
+    ``DetectorPostprocessor.inference`` (``openood.inference``); ``gallery``: also keep the report's gallery of
+    this split (``report.gallery.save_gallery`` arguments)."""
+    store = open_store(detector, net, root)
+    out, conf = score(detector, net, loader, store, progress)
     if gallery is not None:
         save_gallery(detector, net, loader, stats=out.stats, conf=conf, labels=out.labels, cache_root=root, **gallery)
     return (out.stats["pred"].astype(int), conf, out.labels.astype(int)), store.computed_rows

@@ -37,8 +37,8 @@ from openood.postprocessors import BasePostprocessor  # noqa: E402
 from openood.utils import Config  # noqa: E402
 
 from ..fusion.baselines import BASELINE_ARGS  # noqa: E402
-from ..cache import (ScoreCache, atomic_write, cached_statistics, default_cache_root,  # noqa: E402
-                     module_fingerprint, namespace)
+from ..cache import ScoreCache, atomic_write, default_cache_root, module_fingerprint  # noqa: E402
+from . import inference as shared  # noqa: E402  (the OpenOOD-free scoring path the demo uses too)
 from .sections import (aps_flag, detector_from_section, fusion_detector_section, section,  # noqa: E402
                        split_wrapper_args, sweep_parameters)
 from ..report.gallery import DEFAULT_K, openood_output_dir, openood_split, save_gallery  # noqa: E402
@@ -98,7 +98,7 @@ class DetectorPostprocessor(BasePostprocessor):
 
     @property
     def needs_grad(self) -> bool:
-        return bool(getattr(self.detector, "needs_grad", True))
+        return shared.needs_grad(self.detector)
 
     def postprocess(self, net: torch.nn.Module, data: torch.Tensor):  # no @no_grad: guidance needs gradients
         with torch.set_grad_enabled(self.needs_grad):
@@ -107,16 +107,13 @@ class DetectorPostprocessor(BasePostprocessor):
 
     def scored(self, net: torch.nn.Module, loader: Any, progress: bool = True, batch_hook: Any = None):
         """Cached statistics of a loader (see ``cache.cached_statistics``)."""
-        with torch.set_grad_enabled(self.needs_grad):
-            return cached_statistics(self.detector, net, loader, self.store(net), progress, batch_hook=batch_hook)
+        return shared.scored(self.detector, net, loader, self.store(net), progress, batch_hook)
 
     def confidence(self, stats: Mapping[str, np.ndarray]) -> np.ndarray:
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.items()}
-        return torch.as_tensor(self.detector.confidence(tensors)).detach().cpu().numpy()
+        return shared.confidence(self.detector, stats)
 
     def inference(self, net: torch.nn.Module, data_loader: Any, progress: bool = True):
-        out = self.scored(net, data_loader, progress)
-        conf = self.confidence(out.stats)
+        out, conf = shared.score(self.detector, net, data_loader, self.store(net), progress)
         self._save_gallery(net, data_loader, out, conf)
         return out.stats["pred"].astype(int), conf, out.labels.astype(int)
 
@@ -139,7 +136,7 @@ class DetectorPostprocessor(BasePostprocessor):
         The classifier is hashed on every call (once per loader pass; a ResNet50 hash costs far less than its
         forward over a test set): a memo by object would serve old scores after ``net.load_state_dict(...)``
         or an in-place edit of the same object."""
-        ns = namespace(self.detector.cache_key(), module_fingerprint(net))
+        ns = shared.store_namespace(self.detector, net)
         if ns not in self._stores:
             root = (Path(self.cache_dir) if self.cache_dir else default_cache_root()) if self.use_disk_cache else None
             self._stores[ns] = ScoreCache(root, ns)
