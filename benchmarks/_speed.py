@@ -1,6 +1,7 @@
 """Shared helpers for the speed benchmarks: device choice, timing at several batch sizes, markdown report."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import platform
 import subprocess
@@ -34,16 +35,44 @@ def add_compile_argument(p) -> None:
                         "options such as backend=eager); compile time is spent in the warm-up call, not timed")
 
 
-def common_arguments(p, batch_sizes: str):
-    """Options every speed benchmark shares; call ``setup_run(args)`` after parsing."""
-    p.add_argument("--batch-sizes", default=batch_sizes)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--cast-weights", action="store_true", help="with --bf16: store the diffusion backbone in bf16")
+def _sizes(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def speed_parser(description: str, *, full_default: bool = False, batch_sizes: list[int] | None = None,
+                 dtypes: tuple[str, ...] = tuple(PRECISIONS), dtype_default: tuple[str, ...] = ("fp32",),
+                 timed_by_seconds: bool = True) -> argparse.ArgumentParser:
+    """The flags every speed script takes, with one spelling and meaning; parse with ``parse_speed_args``.
+
+    ``--full`` / ``--tiny``: exact architectures (GPU) or tiny stand-ins (CPU smoke run), default per script;
+    ``--dtype``: one or more of ``PRECISIONS`` (one run each); ``--batch-sizes 8 32 64`` (or ``8,32,64``);
+    ``--seconds``: minimum timed seconds per batch size (scripts that time a fixed number of batches instead
+    say so with ``timed_by_seconds=False``); ``--compile``, ``--device``, ``--threads``, ``--out``."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--full", dest="full", action="store_true", default=full_default,
+                      help="exact architectures, random weights (GPU)" + (" (default)" if full_default else ""))
+    size.add_argument("--tiny", dest="full", action="store_false",
+                      help="tiny stand-in models (CPU smoke run)" + ("" if full_default else " (default)"))
+    p.add_argument("--dtype", nargs="+", default=list(dtype_default), choices=list(dtypes),
+                   help="bf16 = autocast, bf16-cast = diffusion backbone weights in bf16; one run each")
+    p.add_argument("--batch-sizes", nargs="+", type=_sizes, default=None if batch_sizes is None else [batch_sizes],
+                   metavar="N", help=f"batch sizes to time (default: {batch_sizes or 'per row'})")
+    if timed_by_seconds:
+        p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per batch size")
     add_compile_argument(p)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="markdown report to write (benchmarks/results/...)")
+    return p
+
+
+def parse_speed_args(p: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, torch.device]:
+    """Parse, flatten ``--batch-sizes``, set threads / device (``setup_run``): (args, device)."""
+    args = p.parse_args(argv)
+    if args.batch_sizes is not None:
+        args.batch_sizes = [b for group in args.batch_sizes for b in group]
+    return args, setup_run(args)
 
 
 def setup_run(args) -> torch.device:
@@ -129,15 +158,20 @@ def throughput(run_batch: Callable[[int], None], batch_sizes: list[int], device:
     return rates
 
 
-def write_report(path: str | Path, title: str, device: torch.device, rates: dict[int, float], notes: list[str]) -> None:
-    best = max(rates, key=rates.get)
+def write_report(path: str | Path, title: str, device: torch.device, rates: dict[str, dict[int, float]],
+                 notes: list[str]) -> None:
+    """Markdown report of ``rates[dtype][batch size]`` (samples/s), with hardware, versions and the command."""
     lines = [f"# {title}", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- hardware: {hardware(device)}",
              f"- torch {torch.__version__}, python {platform.python_version()}",
              f"- command: `python {' '.join(sys.argv)}`", *[f"- {n}" for n in notes], "",
-             "| batch size | samples/s |", "|---|---|", *[f"| {b} | {r:.1f} |" for b, r in rates.items()], "",
-             f"**best: {rates[best]:.1f} samples/s at batch {best}**", ""]
+             "| dtype | batch size | samples/s |", "|---|---|---|",
+             *[f"| {d} | {b} | {r:.1f} |" for d, per in rates.items() for b, r in per.items()], ""]
+    for d, per in rates.items():
+        if per:
+            best = max(per, key=per.get)
+            lines.append(f"- **{d}: best {per[best]:.1f} samples/s at batch {best}**")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines))
+    Path(path).write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

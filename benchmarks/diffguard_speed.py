@@ -1,7 +1,7 @@
 """DiffGuard throughput: images/s and model forwards per image for each preset, fp32 / bf16, on any device.
 
-    python benchmarks/diffguard_speed.py --preset gdm dit cifar --batch-size 4 --dtype fp32 bf16        # tiny, CPU
-    python benchmarks/diffguard_speed.py --full --preset gdm --batch-size 32 --dtype bf16 --out r.md   # GPU
+    python benchmarks/diffguard_speed.py --preset gdm dit cifar --batch-sizes 4 --dtype fp32 bf16        # tiny, CPU
+    python benchmarks/diffguard_speed.py --full --preset gdm --batch-sizes 32 --dtype bf16 --out r.md   # GPU
 
 Weights are random (speed does not depend on them; no checkpoint is needed). ``--full`` builds the exact
 architectures: ADM-256 as ``convert adm`` lays it out (UNet2DModel, 552.8 M params), DiT-XL/2-256 + SD-VAE,
@@ -17,7 +17,6 @@ crop passes per image at AES stop i = 59; lower bound 184. With random weights A
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import sys
@@ -38,7 +37,8 @@ from openood_diffguard.diffusion import DiTAdapter, LatentCodec, NoiseSchedule, 
 from openood_diffguard.space import ImageSpace  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _speed import PRECISIONS, DenoiserCounter, add_compile_argument, compile_option, pick_device  # noqa: E402
+from _speed import (PRECISIONS, DenoiserCounter, compile_option, hardware, parse_speed_args,  # noqa: E402
+                    speed_parser)
 
 PRESETS = {"gdm": "diffguard_gdm_imagenet", "dit": "diffguard_dit_imagenet", "cifar": "diffguard_cifar10"}
 
@@ -181,39 +181,27 @@ def run_one(preset: str, dtype: str, batch: int, batches: int, full: bool, devic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = speed_parser(__doc__, batch_sizes=[4], dtype_default=("fp32", "bf16"), timed_by_seconds=False)
     ap.add_argument("--preset", nargs="+", default=["gdm", "dit", "cifar"], choices=sorted(PRESETS))
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
-                    help="bf16 = autocast, bf16-cast = backbone weights in bf16")
-    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--batches", type=int, default=1, help="timed batches after one warm-up batch")
-    ap.add_argument("--full", action="store_true", help="exact architectures (GPU)")
     ap.add_argument("--steps", type=int, default=None, help="override num_steps (shorter CPU runs)")
     ap.add_argument("--no-aes", action="store_true")
     ap.add_argument("--fixed-stop", type=int, default=None)
     ap.add_argument("--reference", choices=["uncond", "input"], default=None,
                     help="override the preset's reference; input + --fixed-stop 60 = the official speed config")
-    ap.add_argument("--device", default=None)
-    add_compile_argument(ap)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="write a markdown report here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    args, device = parse_speed_args(ap, argv)
     args.device = str(device)
     rows = []
     for preset in args.preset:
         for dtype in args.dtype:
-            r = run_one(preset, dtype, args.batch_size, args.batches, args.full, args.device, args)
-            rows.append(r)
-            print(f"{preset:5s} {dtype} bs {r['batch']}: {r['img_s']:.3f} img/s ({r['s_img']:.2f} s/img), "
-                  f"{r['unet_fwd']:.1f} diffusion fwd/img, {r['clf_fwd']:.1f} classifier fwd/img, "
-                  f"mean stop {r['stop']:.1f}, {r['params'] / 1e6:.2f} M params", flush=True)
+            for batch in args.batch_sizes:
+                r = run_one(preset, dtype, batch, args.batches, args.full, args.device, args)
+                rows.append(r)
+                print(f"{preset:5s} {dtype} bs {r['batch']}: {r['img_s']:.3f} img/s ({r['s_img']:.2f} s/img), "
+                      f"{r['unet_fwd']:.1f} diffusion fwd/img, {r['clf_fwd']:.1f} classifier fwd/img, "
+                      f"mean stop {r['stop']:.1f}, {r['params'] / 1e6:.2f} M params", flush=True)
     if args.out:
-        dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        dev = hardware(device)
         lines = [f"# DiffGuard speed ({'exact architectures' if args.full else 'tiny stand-in models'}, random weights)", "",
                  f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
                  f"- device: {dev}; torch {torch.__version__}; python {platform.python_version()}",

@@ -2,20 +2,19 @@
 
 --full: the DiffNB CIFAR UNet (35.7M, 32x32), t = 300, R = 4, CFG (2 UNet rows per sample and step): the
 H100 target is >= 200 img/s with --bf16. Default: a tiny UNet so it runs anywhere in seconds.
-    python benchmarks/diffnb_speed.py --full --bf16 --out benchmarks/results/diffnb_h100.md
-    python benchmarks/diffnb_speed.py --full --bf16 --cast-weights --compile --out benchmarks/results/diffnb_h100_compiled.md
+    python benchmarks/diffnb_speed.py --full --dtype bf16 --out benchmarks/results/diffnb_h100.md
+    python benchmarks/diffnb_speed.py --full --dtype bf16-cast --compile --out benchmarks/results/diffnb_h100_compiled.md
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 import torch  # noqa: E402
-from _speed import (PRECISIONS, common_arguments, compile_option, setup_run, statistics_runner, throughput,  # noqa: E402
-                    write_report)
+from _speed import (PRECISIONS, compile_option, parse_speed_args, speed_parser, statistics_runner,  # noqa: E402
+                    throughput, write_report)
 
 from openood_diffguard.detectors.diffnb import DiffNB  # noqa: E402
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter  # noqa: E402
@@ -45,26 +44,25 @@ def build(full: bool, precision: str, timesteps: list[int], repeats: int, device
     return det, net, images, model, calls
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--full", action="store_true", help="35.7M DiffNB CIFAR UNet (default: tiny UNet)")
+def main(argv=None) -> int:
+    p = speed_parser(__doc__, batch_sizes=[8, 32, 64, 128, 256])
     p.add_argument("--timesteps", default="300")
     p.add_argument("--repeats", type=int, default=4)
-    common_arguments(p, "8,32,64,128,256")
-    a = p.parse_args()
-    device = setup_run(a)
+    a, device = parse_speed_args(p, argv)
     ts = [int(t) for t in a.timesteps.split(",")]
-    precision = ("bf16-cast" if a.cast_weights else "bf16") if a.bf16 else "fp32"
-    det, net, make_images, model, calls = build(a.full, precision, ts, a.repeats, device, compile_option(a.compile))
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    rates = throughput(statistics_runner(det, net, make_images), [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
+    rates = {}
+    for precision in a.dtype:
+        det, net, make_images, model, calls = build(a.full, precision, ts, a.repeats, device, compile_option(a.compile))
+        rates[precision] = throughput(statistics_runner(det, net, make_images), a.batch_sizes, device, a.seconds)
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
     notes = [f"UNet {n_params:.1f}M params ({'full DiffNB CIFAR config' if a.full else 'tiny config'}), "
-             f"precision {precision}, compile={compile_option(a.compile)}, timesteps={ts}, R={a.repeats}, "
+             f"compile={compile_option(a.compile)}, timesteps={ts}, R={a.repeats}, "
              f"CFG: {calls} UNet sample-evaluations per image",
              "random weights; classifier = tiny conv net (the UNet dominates)"]
     if a.out:
         write_report(a.out, "DiffNB scoring speed", device, rates, notes)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

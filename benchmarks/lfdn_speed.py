@@ -3,18 +3,17 @@ LFDN (width 1440, 16 blocks), t = 3, final + first-epoch models (all three score
 model: ``variant: code`` (default) 2 (the released sampler's third call is an identity), ``ours`` 4 (3 DDIM steps +
 the step to the clean level), ``paper`` 1-4 (random stride). Random weights. The classifier's forward pass is not included: OpenOOD runs
 it anyway; here a stub returns precomputed feature maps. H100 target: >= 10,000 samples/s.
-    python benchmarks/lfdn_speed.py --bf16 --out benchmarks/results/lfdn_h100.md
+    python benchmarks/lfdn_speed.py --dtype bf16 --out benchmarks/results/lfdn_h100.md
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401
 import torch  # noqa: E402
-from _speed import common_arguments, setup_run, statistics_runner, throughput, write_report  # noqa: E402
+from _speed import parse_speed_args, speed_parser, statistics_runner, throughput, write_report  # noqa: E402
 
 from openood_diffguard.detectors.lfdn import LFDN  # noqa: E402
 from openood_diffguard.features import FeatureStandardizer  # noqa: E402
@@ -56,27 +55,32 @@ def build(width: int, blocks: int, timesteps: list[int], first: bool, device: to
     return det, FeatureStub(widths).to(device), features, det.final, calls * (2 if first else 1)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--width", type=int, default=1440)
-    p.add_argument("--blocks", type=int, default=16)
+def main(argv=None) -> int:
+    p = speed_parser(__doc__, full_default=True, batch_sizes=[256, 1024, 4096, 16384], dtypes=("fp32", "bf16"))
+    p.add_argument("--width", type=int, default=None, help="default: 1440 (--full), 64 (--tiny)")
+    p.add_argument("--blocks", type=int, default=None, help="default: 16 (--full), 2 (--tiny)")
     p.add_argument("--timesteps", default="3")
     p.add_argument("--no-first", action="store_true", help="skip the first-epoch model (no LR score: half the cost)")
     p.add_argument("--variant", default="code", choices=("code", "paper", "ours"))
-    common_arguments(p, "256,1024,4096,16384")
-    a = p.parse_args()
-    device = setup_run(a)
-    det, net, make_features, _, _ = build(a.width, a.blocks, [int(t) for t in a.timesteps.split(",")],
-                                          not a.no_first, device, dtype="bf16" if a.bf16 else None, variant=a.variant)
-    rates = throughput(statistics_runner(det, net, make_features), [int(b) for b in a.batch_sizes.split(",")], device, a.seconds)
+    a, device = parse_speed_args(p, argv)
+    if a.compile is not None:
+        p.error("--compile: LFDN is a small MLP without a compile option (only --dtype bf16 autocast)")
+    a.width = a.width or (1440 if a.full else 64)
+    a.blocks = a.blocks or (16 if a.full else 2)
+    rates = {}
+    for precision in a.dtype:  # LFDN is a small MLP: autocast only (no cast / compile)
+        det, net, make_features, _, _ = build(a.width, a.blocks, [int(t) for t in a.timesteps.split(",")],
+                                              not a.no_first, device, dtype=None if precision == "fp32" else precision,
+                                              variant=a.variant)
+        rates[precision] = throughput(statistics_runner(det, net, make_features), a.batch_sizes, device, a.seconds)
     n_params = sum(p.numel() for p in det.final.parameters()) / 1e6
     notes = [f"LFDN {n_params:.1f}M params (width {a.width}, {a.blocks} blocks, {sum(WIDTHS)}-d ResNet50 stages 1-3), "
              f"variant {a.variant}, timesteps {det.params['timesteps']}, eta {det.option('eta')}, "
-             f"models: final{'' if a.no_first else ' + first-epoch'}, "
-             f"bf16={a.bf16}", "classifier forward excluded (stub); random weights"]
+             f"models: final{'' if a.no_first else ' + first-epoch'}", "classifier forward excluded (stub); random weights"]
     if a.out:
         write_report(a.out, "LFDN scoring speed", device, rates, notes)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,6 @@ and diffnb_imagenet (its model is whatever pixel UNet the user trains).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import sys
@@ -26,8 +25,8 @@ from types import SimpleNamespace
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout first
 import openood_diffguard  # noqa: E402,F401  (repairs torchvision first)
 import torch  # noqa: E402
-from _speed import (PRECISIONS, DenoiserCounter, add_compile_argument, compile_option, hardware, pick_device,  # noqa: E402
-                    setup_run, statistics_runner, throughput)
+from _speed import (PRECISIONS, DenoiserCounter, compile_option, hardware, parse_speed_args, pick_device,  # noqa: E402
+                    speed_parser, statistics_runner, throughput)
 
 import diffguard_speed  # noqa: E402
 import diffnb_speed  # noqa: E402
@@ -142,22 +141,16 @@ BUILDERS = {"diffguard": diffguard_row, "diffnb": diffnb_row, "lfdn": lfdn_row}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny stand-in models and step counts (CPU smoke run)")
+    p = speed_parser(__doc__, full_default=True, dtype_default=("fp32", "bf16"))
     p.add_argument("--rows", nargs="+", default=[k for k, v in ROWS.items() if not v.get("optional")], choices=list(ROWS),
                    help="default: every row but the optional ones (diffguard_gdm_imagenet_speedcfg)")
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
-                   help="bf16 = autocast, bf16-cast = diffusion backbone weights in bf16")
-    add_compile_argument(p)
-    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per batch size")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    device = setup_run(args)
+    args, device = parse_speed_args(p, argv)
+    args.tiny = not args.full
     results = []
     for name in args.rows:
         cfg = {**ROWS[name], **(ROWS[name]["tiny"] if args.tiny else {})}
+        if args.batch_sizes:
+            cfg["batches"] = args.batch_sizes
         for dtype in args.dtype:
             t0 = time.perf_counter()
             r = BUILDERS[cfg["kind"]](name, cfg, dtype, args.tiny, device, args.seconds, args.compile)

@@ -1,5 +1,5 @@
-"""benchmarks/cifar_osr.py and benchmarks/speed.py: data handling (checksum, split, held-out val), the
-forward counts speed.py reports against their known minimal values, and (slow) the whole CPU smoke runs."""
+"""benchmarks/cifar_osr.py and the speed scripts: data handling (checksum, split, held-out val), the speed scripts'
+one CLI, the forward counts speed.py reports against their known minimal values, and (slow) the whole CPU smoke runs."""
 import hashlib
 import io
 import sys
@@ -61,6 +61,38 @@ def test_extract_refuses_a_wrong_checksum(tmp_path):
         cifar_osr.extract(data, tmp_path / "work")
     with pytest.raises(FileNotFoundError, match="data-dir"):
         cifar_osr.extract(tmp_path / "nowhere", tmp_path / "work")
+
+
+SHARED_SPEED_FLAGS = ("--full", "--tiny", "--dtype", "--batch-sizes", "--compile", "--device", "--threads", "--out")
+
+
+@pytest.mark.parametrize("script", ["speed", "diffguard_speed", "diffnb_speed", "lfdn_speed"])
+def test_speed_scripts_share_one_cli(script, capsys):
+    """One CLI style: every speed script takes the shared flags (``_speed.speed_parser``), spelled the same."""
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).main(["--help"])
+    text = capsys.readouterr().out
+    for flag in SHARED_SPEED_FLAGS:
+        assert f"[{flag}" in text or f" {flag} " in text or f"| {flag}" in text, (script, flag)
+    assert ("--seconds" in text) == (script != "diffguard_speed")  # it times a fixed number of batches (--batches)
+
+
+def test_speed_cli_parses_batch_sizes_and_dtypes_and_writes_the_report(tmp_path, single_thread):
+    import lfdn_speed
+    from _speed import parse_speed_args, speed_parser
+
+    args, device = parse_speed_args(speed_parser("x", batch_sizes=[4]), ["--batch-sizes", "2,8", "32", "--tiny"])
+    assert args.batch_sizes == [2, 8, 32] and not args.full and args.dtype == ["fp32"] and device.type == "cpu"
+    assert parse_speed_args(speed_parser("x", batch_sizes=[4]), [])[0].batch_sizes == [4]
+    with pytest.raises(SystemExit):
+        parse_speed_args(speed_parser("x"), ["--full", "--tiny"])
+    out = tmp_path / "lfdn.md"
+    assert lfdn_speed.main(["--tiny", "--dtype", "fp32", "bf16", "--batch-sizes", "8", "--seconds", "0.01",
+                            "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| fp32 | 8 |" in text and "| bf16 | 8 |" in text and "width 64, 2 blocks" in text
 
 
 def test_speed_lfdn_row_counts_the_minimal_forwards(single_thread):
