@@ -64,6 +64,8 @@ def classifier_outputs(net: torch.nn.Module, x: torch.Tensor, feature: str = "no
             return ClassifierOutputs(net(x))
         raise TypeError(f"{type(net).__name__} does not accept return_feature=True; {owner} needs an OpenOOD-style "
                         f"net (net(x, return_feature=True) -> (logits, features))") from err
+    if feature == "optional" and torch.is_tensor(out):  # a net that swallows the keyword: logits only
+        return ClassifierOutputs(out)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError("net(x, return_feature=True) must return (logits, features) (OpenOOD's interface)")
     return ClassifierOutputs(out[0], out[1].flatten(1))

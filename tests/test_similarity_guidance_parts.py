@@ -101,6 +101,14 @@ def test_classifier_outputs_is_the_one_forward():
     assert torch.equal(emb["logits"], logits) and torch.equal(emb["feature"], pen.feature)
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     assert classifier_outputs(mlp, x, "optional").feature is None  # plain classifiers: logits only
+
+    class Swallows(torch.nn.Module):  # accepts any keyword, returns logits only
+        def forward(self, x, **kwargs):
+            return mlp(x)
+
+    assert torch.equal(classifier_outputs(Swallows(), x, "optional").logits, mlp(x))
+    with pytest.raises(TypeError, match="must return"):
+        classifier_outputs(Swallows(), x, "penultimate")
     with pytest.raises(TypeError, match="does not accept return_feature=True; the baselines need"):
         classifier_outputs(mlp, x, "penultimate", owner="the baselines")
     with pytest.raises(TypeError, match="return_feature_list"):
