@@ -1,7 +1,7 @@
 """DiffNB scoring speed (images/s) at the best batch size; random weights (speed does not depend on them).
 
 --full: the DiffNB CIFAR UNet (35.7M, 32x32), t = 300, R = 4, CFG (2 UNet rows per sample and step): the
-H100 target is >= 200 img/s with --bf16. Default: a tiny UNet so it runs anywhere in seconds.
+H100 target is >= 200 img/s with --dtype bf16. Default: a tiny UNet so it runs anywhere in seconds.
     python benchmarks/diffnb_speed.py --full --dtype bf16 --out benchmarks/results/diffnb_h100.md
     python benchmarks/diffnb_speed.py --full --dtype bf16-cast --compile --out benchmarks/results/diffnb_h100_compiled.md
 """
