@@ -110,3 +110,9 @@ def test_a_detector_pickled_before_the_split_scores_the_same(schedule, guidance)
     clone.model = known
     torch.testing.assert_close(clone.statistics(clf, x)["sim_logits_l1"], fresh.statistics(clf, x)["sim_logits_l1"],
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["diffguard", "diffguard_gdm", "diffguard_cfg", "diffnb", "lfdn"])
+def test_every_detector_class_names_its_paper(name):
+    doc = registry.detector_class(name).__doc__ or ""
+    assert "https://arxiv.org/abs/" in doc and "https://github.com/" in doc, name
