@@ -116,3 +116,26 @@ def test_a_detector_pickled_before_the_split_scores_the_same(schedule, guidance)
 def test_every_detector_class_names_its_paper(name):
     doc = registry.detector_class(name).__doc__ or ""
     assert "https://arxiv.org/abs/" in doc and "https://github.com/" in doc, name
+
+
+@pytest.mark.openood
+@pytest.mark.parametrize("name, stem", [("diffguard_gdm", "gdm_imagenet"), ("diffguard_cfg", "cifar10")])
+def test_openood_builds_the_path_postprocessors_by_name(name, stem, no_download):
+    """main.py's factory on a section named after a path detector (its args without ``guidance``), and the
+    Evaluator's by-name factory on the bare name (a packaged preset of that path)."""
+    pytest.importorskip("openood.evaluation_api", reason="OpenOOD (with its Evaluator) not installed")
+    import openood.evaluation_api.postprocessor as E
+    from openood.postprocessors import utils as U
+    from openood.utils import Config
+    from openood_diffguard.openood import register
+
+    register()
+    pp = yaml.safe_load((preset_dir() / f"diffguard_{stem}.yml").read_text())["postprocessor"]
+    args = {k: v for k, v in pp["postprocessor_args"].items() if k != "guidance"}
+    built = U.get_postprocessor(Config({"postprocessor": {**pp, "name": name, "postprocessor_args": args},
+                                        "dataset": {"name": "cifar10"}}))
+    assert type(built) is registry.load(registry.POSTPROCESSORS[name])
+    assert type(built.detector) is registry.detector_class(name)
+    assert built.detector.params == detector_from_section(pp, {"name": "cifar10"})[0].params
+    by_name = E.get_postprocessor("/nonexistent/config_root", name, "imagenet")
+    assert type(by_name.detector) is registry.detector_class(name)
