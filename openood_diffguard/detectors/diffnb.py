@@ -99,6 +99,8 @@ def timestep_of(selector: Any) -> int | None:
 
 
 class DiffNB(DiffusionBackbone, Detector):
+    """DiffNB (Liu et al., https://arxiv.org/abs/2211.11255; code https://github.com/luping-liu/DiffOOD)."""
+
     name = "diffnb"
     PARAMS = {
         "model_path": Param(None, "local diffusers UNet2DModel dir (train-diffusion output); never downloaded",

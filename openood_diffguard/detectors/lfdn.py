@@ -70,6 +70,8 @@ def _derived_seed(*parts: Any) -> int:
 
 
 class LFDN(Detector):
+    """LFDN / DLSR (NeurIPS 2024, https://arxiv.org/abs/2411.10701; code https://github.com/xbyym/DLSR)."""
+
     name = "lfdn"
     PARAMS = {
         "variant": Param("code", "code | paper | ours (see the module docstring)", choices=tuple(VARIANTS)),
