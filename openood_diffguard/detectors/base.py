@@ -166,19 +166,10 @@ class DiffusionBackbone:
     #: parameters whose change makes a loaded model stale
     _model_identity: tuple[str, ...] = ("model_path",)
 
-    PARAM_TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"compile": (bool, dict)}
-
     def __init__(self, model: Any = None, **params: Any) -> None:
         super().__init__(**params)
         self.model = model  # a DiffusionModel adapter, or None = load from model_path in setup()
         self._user_model = model is not None
-
-    def _check_backbone_params(self) -> None:
-        if not isinstance(self.params["cast_weights"], bool):
-            raise ValueError(f"cast_weights must be true or false, got {self.params['cast_weights']!r}")
-        if not isinstance(self.params["compile"], (bool, dict)):
-            raise ValueError("compile must be false, true or a mapping of torch.compile options "
-                             f"(mode, backend, dynamic, ...), got {self.params['compile']!r}")
 
     #: what to tell a user who set no model_path
     _missing_model: str = "set model_path to a local diffusers model directory (weights are never downloaded)"

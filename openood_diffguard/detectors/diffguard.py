@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from ..diffusion import DiffusionModel, load_dit, load_unet
 from ..similarity import EMBEDDING_SIMILARITIES, PerceptualDistance, classifier_embedding, embedding_similarities
 from ..space import ImageSpace, resolve_normalization
-from .base import (BACKBONE_PARAMS, Detector, DiffusionBackbone, ParameterError, check_choice, check_classifier_output,
-                   check_images, check_range)
+from .base import (BACKBONE_PARAMS, Detector, DiffusionBackbone, Param, ParameterError, check_choice,
+                   check_classifier_output, check_images)
 
 _PERCEPTUAL = ("dists", "lpips")
 UNCOND = "diffusion_label"  # cond key that is never set: the diffusion model runs unconditionally
@@ -151,37 +151,42 @@ class DiffGuard(DiffusionBackbone, Detector):
     """
 
     name = "diffguard"
-    DEFAULTS: dict[str, Any] = {
-        "model_type": "unet",  # unet (UNet2DModel dir) | dit (DiT pipeline dir) | ldm (`convert ldm` dir); or model=adapter
-        "model_path": None,  # local path only, never downloaded
-        "num_classes": None,  # classifier classes (checked against the logits); None = any
-        "normalization": "imagenet",  # OpenOOD normalization_type / dataset name
-        "diffusion_size": 256,  # pixel side the diffusion model (or its VAE) sees; None = image size
-        "dtype": "fp32",  # fp32 | bf16 (diffusion model: see cast_weights; guidance classifier: autocast)
+    PARAMS = {
+        "model_type": Param("unet", "unet (UNet2DModel dir) | dit (DiT pipeline dir) | ldm (`convert ldm` dir); or "
+                                    "model=adapter", choices=("unet", "dit", "ldm")),
+        "model_path": Param(None, "local path only, never downloaded", types=(str, os.PathLike)),
+        "num_classes": Param(None, "classifier classes (checked against the logits); null = any", types=(int,), low=1),
+        "normalization": Param("imagenet", "OpenOOD normalization_type / dataset name", nullable=True),
+        "diffusion_size": Param(256, "pixel side the diffusion model (or its VAE) sees; null = image size",
+                                nullable=True, low=1),
+        "dtype": Param("fp32", "fp32 | bf16 (diffusion model: see cast_weights; guidance classifier: autocast)",
+                       choices=("fp32", "bf16")),
         **BACKBONE_PARAMS,
-        "variant": "code",  # code (released code) | paper (paper text): what every null resolves to
-        "guidance": "classifier",  # classifier (DiffGuardGDM) | cfg (DiffGuardCFG): the path; fixed per class
-        "num_steps": 100,  # DDIM steps of the grid
-        "timestep_spacing": None,  # null = variant | leading | trailing | linspace | guided_diffusion | ldm
-        "steps_offset": 0,  # added to the grid (LDM's own +1 is part of the 'ldm' rule)
-        "inversion_convention": None,  # null = variant | source (guided-diffusion, paper Eq. 6) | target (LDM)
-        "clean_level": None,  # null = variant | first_step | alpha0 | one (where the clean image sits on the path)
-        "inversion_refine": 0,  # fixed-point refinements per inversion step (0 = as the official code)
-        "similarities": ("dists",),  # computed: dists, lpips, logits_l1, logits_cos, feature_l2, feature_cos
-        "score_size": 224,  # side for DISTS/LPIPS (GDM 224, LDM 256); None = as is
-        "score_antialias": False,  # antialiased downsizing to score_size (torchvision >= 0.17's Resize); false = < 0.17
-        "similarity": "dists",  # cheap: which computed similarity is the confidence
-        "label_mode": "pred",  # pred | oracle (analysis only)
-        "oracle_seed": 0,  # seed of the OOD samples' random labels in oracle mode
-        "metric_weights": None,  # folder with vgg16 / dists / lpips weights; None = torch hub checkpoints/
-        "pretrained_metrics": True,  # False = random VGG/DISTS weights (tests, benchmarks)
+        "variant": Param("code", "code (released code) | paper (paper text): what every null resolves to",
+                         choices=tuple(VARIANTS)),
+        "guidance": Param("classifier", "classifier (DiffGuardGDM) | cfg (DiffGuardCFG): the path; fixed per class",
+                          choices=GUIDANCE),
+        "num_steps": Param(100, "DDIM steps of the grid", low=1),
+        "timestep_spacing": Param(None, "null = variant | leading | trailing | linspace | guided_diffusion | ldm",
+                                  choices=_SPACINGS),
+        "steps_offset": Param(0, "added to the grid (LDM's own +1 is part of the 'ldm' rule)", low=0),
+        "inversion_convention": Param(None, "null = variant | source (guided-diffusion, paper Eq. 6) | target (LDM)",
+                                      choices=("source", "target")),
+        "clean_level": Param(None, "null = variant | first_step | alpha0 | one (where the clean image sits on the "
+                                   "path)", choices=_CLEAN_LEVELS),
+        "inversion_refine": Param(0, "fixed-point refinements per inversion step (0 = as the official code)", low=0),
+        "similarities": Param(("dists",), "computed: dists, lpips, logits_l1, logits_cos, feature_l2, feature_cos"),
+        "score_size": Param(224, "side for DISTS/LPIPS (GDM 224, LDM 256); null = as is", nullable=True, low=1),
+        "score_antialias": Param(False, "antialiased downsizing to score_size (torchvision >= 0.17's Resize); "
+                                        "false = < 0.17"),
+        "similarity": Param("dists", "which computed similarity is the confidence", cheap=True),
+        "label_mode": Param("pred", "pred | oracle (analysis only)", choices=("pred", "oracle")),
+        "oracle_seed": Param(0, "seed of the OOD samples' random labels in oracle mode", low=0),
+        "metric_weights": Param(None, "folder with vgg16 / dists / lpips weights; null = torch hub checkpoints/",
+                                types=(str, os.PathLike)),
+        "pretrained_metrics": Param(True, "false = random VGG/DISTS weights (tests, benchmarks)"),
     }
-    cheap_params = ("similarity",)
     heavy_attributes = ("model", "_perceptual")
-    PARAM_TYPES = {**DiffusionBackbone.PARAM_TYPES, "num_classes": (int,), "diffusion_size": (int, type(None)),
-                   "timestep_spacing": (str,), "inversion_convention": (str,), "clean_level": (str,),
-                   "score_size": (int, type(None)), "normalization": (str, type(None)),
-                   "model_path": (str, os.PathLike), "metric_weights": (str, os.PathLike)}
     #: parameters whose ``false`` means off, resolved to None by ``effective_params``
     _SWITCHES: ClassVar[tuple[str, ...]] = ()
 
@@ -225,18 +230,6 @@ class DiffGuard(DiffusionBackbone, Detector):
             raise ParameterError(f"{me}: parameter 'guidance' is fixed to {self.DEFAULTS['guidance']!r} (this class "
                                  f"is that path), got {p['guidance']!r}; use DiffGuard(guidance={p['guidance']!r}, ...) "
                                  "or the other path's class")
-        choices = {"variant": tuple(VARIANTS), "label_mode": ("pred", "oracle"), "dtype": ("fp32", "bf16"),
-                   "model_type": ("unet", "dit", "ldm")}
-        nullable = {"timestep_spacing": _SPACINGS, "inversion_convention": ("source", "target"),
-                    "clean_level": _CLEAN_LEVELS}
-        for key, allowed in choices.items():
-            check_choice(me, key, p[key], allowed)
-        for key, allowed in nullable.items():
-            if p[key] is not None:
-                check_choice(me, key, p[key], allowed)
-        for key, low in (("num_classes", 1), ("diffusion_size", 1), ("num_steps", 1), ("steps_offset", 0),
-                         ("inversion_refine", 0), ("score_size", 1), ("oracle_seed", 0)):
-            check_range(me, key, p[key], low)
         known = set(_PERCEPTUAL) | set(EMBEDDING_SIMILARITIES)
         p["similarities"] = tuple(p["similarities"])
         bad = set(p["similarities"]) - known
@@ -248,7 +241,6 @@ class DiffGuard(DiffusionBackbone, Detector):
             raise ParameterError(f"{me}: clean_level 'one' needs inversion_convention 'target' (source-level "
                                  "inversion would evaluate the model at the clean level); use clean_level "
                                  "'first_step' with 'source'")
-        self._check_backbone_params()
         if p["label_mode"] == "oracle":
             warnings.warn("DiffGuard oracle-label mode reads the test labels (GT for ID, random for OOD): "
                           "analysis only, not a detector", stacklevel=4)

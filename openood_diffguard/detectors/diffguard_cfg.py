@@ -7,6 +7,7 @@ The synthesis is compared with the input. The shared parts live in ``diffguard.p
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from ..diffusion import DDIM
 from ..guidance import ClassifierFreeGuidance, model_eps
 from ..guidance.gradcam import GradCAM, cam_mask
-from .base import ParameterError, check_range
+from .base import Param, ParameterError
 from .diffguard import UNCOND, DiffGuard
 
 
@@ -24,24 +25,19 @@ class DiffGuardCFG(DiffGuard):
     builds it."""
 
     name = "diffguard_cfg"
-    DEFAULTS: dict[str, Any] = {
-        **DiffGuard.DEFAULTS,
-        "guidance": "cfg",  # fixed: this class is the classifier-free path
-        "cfg_scale": 10.0,  # guidance scale w: eps_u + w (eps_y - eps_u)
-        "cam_cut": None,  # null = variant (code 0.3, paper 0.2); Grad-CAM threshold; false = CFG everywhere
-        "cam_layer": "layer4.-1",  # classifier module whose Grad-CAM masks the guidance (dotted path)
+    PARAMS = {
+        **DiffGuard.PARAMS,
+        "guidance": replace(DiffGuard.PARAMS["guidance"], default="cfg",
+                            doc="fixed: this class is the classifier-free path"),
+        "cfg_scale": Param(10.0, "guidance scale w: eps_u + w (eps_y - eps_u)", low=0),
+        "cam_cut": Param(None, "null = variant (code 0.3, paper 0.2); Grad-CAM threshold (negative: guide the "
+                               "low-activation area); false = CFG everywhere", types=(float,), off=True, low=-1, high=1),
+        "cam_layer": Param("layer4.-1", "classifier module whose Grad-CAM masks the guidance (dotted path)"),
     }
-    PARAM_TYPES = {**DiffGuard.PARAM_TYPES, "cam_cut": (float, bool)}
     _SWITCHES: ClassVar[tuple[str, ...]] = ("cam_cut",)
 
     def validate_params(self) -> None:
         p, me = self.params, type(self).__name__
-        check_range(me, "cfg_scale", p["cfg_scale"], 0.0)
-        if p["cam_cut"] is True:  # a number, null (= variant) or false (= off)
-            raise ParameterError(f"{me}: parameter 'cam_cut' must be a number, null (the variant's value) or "
-                                 "false (off), got true")
-        if not isinstance(p["cam_cut"], bool):
-            check_range(me, "cam_cut", p["cam_cut"], -1.0, 1.0)  # negative: guide the low-activation area
         if not isinstance(p["cam_layer"], str) or not p["cam_layer"]:
             raise ParameterError(f"{me}: parameter 'cam_layer' must be a dotted module path such as 'layer4.-1', "
                                  f"got {p['cam_layer']!r}")

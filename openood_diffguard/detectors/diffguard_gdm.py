@@ -8,7 +8,7 @@ same latent (the official ``uncond_aux``) or with the input. The shared parts li
 """
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -18,7 +18,7 @@ from ..diffusion.schedule import _bcast
 from ..guidance import ClassifierGuidance, ClipConsistent, log_prob_grad, model_eps
 from ..guidance.cutouts import Cutouts
 from ..similarity import psnr, select_features
-from .base import ParameterError, check_choice, check_range
+from .base import Param, ParameterError
 from .diffguard import UNCOND, VARIANTS, DiffGuard
 
 _LEGACY_PSNR_PEAK = 255.0  # the official code's PSNR peak on [-1, 1] tensors
@@ -30,26 +30,32 @@ class DiffGuardGDM(DiffGuard):
     ``diffguard_gdm``; ``DiffGuard(guidance="classifier")`` (the default) builds it."""
 
     name = "diffguard_gdm"
-    DEFAULTS: dict[str, Any] = {
-        **DiffGuard.DEFAULTS,
-        "guidance": "classifier",  # fixed: this class is the classifier-guidance path
-        "clip_denoised": True,  # clip-consistent eps (x0 clamped to [-1, 1]) in inversion and guidance
-        "max_inversion_steps": 90,  # cap on inversion steps; None = the whole grid
-        "aes": True,  # adaptive early stop of the inversion (the two rules below)
-        "aes_psnr_db": None,  # null = variant; stop when PSNR (peak 2, dB) of noisy state vs input falls below; false = off
-        "aes_psnr_legacy": None,  # e.g. 48.5: the code's 255-peak PSNR with this threshold (overrides aes_psnr_db)
-        "aes_dists_sim": None,  # null = variant (code 0.38, paper 0.37); ... or when 1 - DISTS falls below; false = off
-        "forback_skip": None,  # null = variant; denoise from stop + forback_skip - 2 levels (2 = the inversion's end)
-        "classifier_scale": 3.0,  # classifier guidance scale
-        "guidance_target": None,  # null = variant | x0_blend (code) | x0 (paper Eq. 7) | xt
-        "cutouts": 8,  # cutouts whose log-probabilities are summed; 0 = the whole image, no augmentation
-        "cutout_min_fraction": 224 / 256,  # smallest cutout side, as a fraction of the image side
-        "cutout_seed": 100,  # cutout geometry seed (a table indexed by the sample's own step)
-        "reference": None,  # null = variant | uncond (official: the unguided twin) | input
+    PARAMS = {
+        **DiffGuard.PARAMS,
+        "guidance": replace(DiffGuard.PARAMS["guidance"], default="classifier",
+                            doc="fixed: this class is the classifier-guidance path"),
+        "clip_denoised": Param(True, "clip-consistent eps (x0 clamped to [-1, 1]) in inversion and guidance"),
+        "max_inversion_steps": Param(90, "cap on inversion steps; null = the whole grid", nullable=True, low=1),
+        "aes": Param(True, "adaptive early stop of the inversion (the two rules below)"),
+        "aes_psnr_db": Param(None, "null = variant; stop when PSNR (peak 2, dB) of noisy state vs input falls "
+                                   "below; false = off", types=(float,), off=True),
+        "aes_psnr_legacy": Param(None, "e.g. 48.5: the code's 255-peak PSNR with this threshold (overrides "
+                                       "aes_psnr_db)", types=(float,)),
+        "aes_dists_sim": Param(None, "null = variant (code 0.38, paper 0.37); ... or when 1 - DISTS falls below; "
+                                     "false = off", types=(float,), off=True),
+        "forback_skip": Param(None, "null = variant; denoise from stop + forback_skip - 2 levels (2 = the "
+                                    "inversion's end)", types=(int,), low=1),
+        "classifier_scale": Param(3.0, "classifier guidance scale", low=0),
+        "guidance_target": Param(None, "null = variant | x0_blend (code) | x0 (paper Eq. 7) | xt",
+                                 choices=ClassifierGuidance.TARGETS),
+        "cutouts": Param(8, "cutouts whose log-probabilities are summed; 0 = the whole image, no augmentation",
+                         low=0),
+        "cutout_min_fraction": Param(224 / 256, "smallest cutout side, as a fraction of the image side", low=0,
+                                     low_open=True, high=1),
+        "cutout_seed": Param(100, "cutout geometry seed (a table indexed by the sample's own step)", low=0),
+        "reference": Param(None, "null = variant | uncond (official: the unguided twin) | input",
+                           choices=("uncond", "input")),
     }
-    PARAM_TYPES = {**DiffGuard.PARAM_TYPES, "max_inversion_steps": (int, type(None)), "aes_psnr_db": (float, bool),
-                   "aes_psnr_legacy": (float,), "aes_dists_sim": (float, bool), "forback_skip": (int,),
-                   "guidance_target": (str,), "reference": (str,)}
     _SWITCHES: ClassVar[tuple[str, ...]] = ("aes_dists_sim",)
 
     def __init__(self, model: DiffusionModel | None = None, **params: Any) -> None:
@@ -63,20 +69,6 @@ class DiffGuardGDM(DiffGuard):
     # ------------------------------------------------------------------ configuration
     def validate_params(self) -> None:
         p, me = self.params, type(self).__name__
-        for key, allowed in (("guidance_target", ClassifierGuidance.TARGETS), ("reference", ("uncond", "input"))):
-            if p[key] is not None:  # null = the variant's
-                check_choice(me, key, p[key], allowed)
-        for key in ("aes_psnr_db", "aes_dists_sim"):  # a number, null (= variant) or false (= off)
-            if p[key] is True:
-                raise ParameterError(f"{me}: parameter {key!r} must be a number, null (the variant's value) or "
-                                     f"false (off), got true")
-        for key in ("aes_psnr_db", "aes_psnr_legacy", "aes_dists_sim"):
-            if isinstance(p[key], float) and math.isnan(p[key]):
-                raise ParameterError(f"{me}: parameter {key!r} must be a number, got NaN")
-        for key, low in (("max_inversion_steps", 1), ("forback_skip", 1), ("cutouts", 0), ("cutout_seed", 0)):
-            check_range(me, key, p[key], low)
-        check_range(me, "classifier_scale", p["classifier_scale"], 0.0)
-        check_range(me, "cutout_min_fraction", p["cutout_min_fraction"], 0.0, 1.0, low_open=True)
         if p["aes_psnr_legacy"] is not None and p["aes_psnr_db"] not in (None, False):
             raise ParameterError(f"{me}: set either 'aes_psnr_db' (dB, peak 2) or 'aes_psnr_legacy' (the code's "
                                  f"255-peak PSNR), not both")
