@@ -34,6 +34,7 @@ import yaml  # noqa: E402
 
 from openood_diffguard.detectors.diffguard import DiffGuard  # noqa: E402
 from openood_diffguard.diffusion import DiTAdapter, LatentCodec, NoiseSchedule, UNetAdapter  # noqa: E402
+from openood_diffguard.fusion.presets import preset_dir  # noqa: E402
 from openood_diffguard.space import ImageSpace  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,15 +139,16 @@ def make_detector(preset: str, dtype: str, batch: int, full: bool, device: str, 
     """(DiffGuard with random-weight models, classifier, input batch, adapter) for one preset."""
     torch.manual_seed(0)
     model, net, side, over = build(preset, full)
-    params = yaml.safe_load((ROOT / "configs" / "postprocessors" / f"{PRESETS[preset]}.yml").read_text())
+    params = yaml.safe_load((preset_dir() / f"{PRESETS[preset]}.yml").read_text())  # the package's presets
     dt, cast = PRECISIONS[dtype]
     params = dict(params["postprocessor"]["postprocessor_args"], **over, dtype=dt, cast_weights=cast,
                   compile=compile_option(getattr(args, "compile", None)), pretrained_metrics=False)
-    if args.no_aes:
+    gdm = params["guidance"] == "classifier"  # AES, the inversion cap and the reference exist on the GDM path only
+    if args.no_aes and gdm:
         params["aes"] = False
-    if args.fixed_stop is not None:
+    if args.fixed_stop is not None and gdm:
         params.update(aes=False, max_inversion_steps=args.fixed_stop)
-    if getattr(args, "reference", None):
+    if getattr(args, "reference", None) and gdm:
         params["reference"] = args.reference
     if args.steps:
         params["num_steps"] = args.steps
@@ -185,10 +187,10 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", nargs="+", default=["gdm", "dit", "cifar"], choices=sorted(PRESETS))
     ap.add_argument("--batches", type=int, default=1, help="timed batches after one warm-up batch")
     ap.add_argument("--steps", type=int, default=None, help="override num_steps (shorter CPU runs)")
-    ap.add_argument("--no-aes", action="store_true")
-    ap.add_argument("--fixed-stop", type=int, default=None)
+    ap.add_argument("--no-aes", action="store_true", help="GDM preset: no adaptive early stop")
+    ap.add_argument("--fixed-stop", type=int, default=None, help="GDM preset: every sample stops after N inversion steps")
     ap.add_argument("--reference", choices=["uncond", "input"], default=None,
-                    help="override the preset's reference; input + --fixed-stop 60 = the official speed config")
+                    help="GDM preset: override the reference; input + --fixed-stop 60 = the official speed config")
     args, device = parse_speed_args(ap, argv)
     args.device = str(device)
     rows = []

@@ -458,7 +458,7 @@ def probe_inputs(tmp: Path) -> list[Row]:
               ("DiffNB", "repeats: 2.7", lambda: DiffNB(repeats=2.7)), ("DiffNB", 'cfg_scale: "3.0"', lambda: DiffNB(cfg_scale="3.0")),
               ("DiffNB", 'seed: "zero"', lambda: DiffNB(seed="zero")),
               ("DiffGuard", "num_steps: 0", lambda: DiffGuard(num_steps=0)),
-              ("DiffGuard", "cfg_scale: -1", lambda: DiffGuard(cfg_scale=-1.0)),
+              ("DiffGuard", "cfg_scale: -1", lambda: DiffGuard(guidance="cfg", cfg_scale=-1.0)),
               ("LFDN", "timesteps: [200]", lambda: _lfdn(lfdn_path, timesteps=[200])),
               ("LFDN", "eta: -1", lambda: _lfdn(lfdn_path, eta=-1.0))]
     row = Row("5", "bad parameters at construction", "some accepted, some fail only at scoring without the name")
@@ -468,11 +468,9 @@ def probe_inputs(tmp: Path) -> list[Row]:
     rows.append(row)
     row = Row("5", "DiffGuard CFG with a classifier of one class more than the model's real classes",
               "guides toward the null-class row silently")
-    guard = DiffGuard(model=UNetAdapter(tiny_unet(0), sched), **{**dg, "guidance": "cfg", "reference": "input",
-                                                                   "cam_cut": False, "inversion_convention": "target",
-                                                                   "aes": False, "max_inversion_steps": None,
-                                                                   "forback_skip": 2, "clip_denoised": False,
-                                                                   "cfg_scale": 3.0})
+    shared = {k: v for k, v in dg.items() if k not in ("max_inversion_steps", "cutouts")}  # dg's GDM-only keys
+    guard = DiffGuard(model=UNetAdapter(tiny_unet(0), sched), **{**shared, "guidance": "cfg", "cam_cut": False,
+                                                                   "inversion_convention": "target", "cfg_scale": 3.0})
     row.now = outcome(lambda: guard.statistics(Linear3(classes=4), x) and None)
     row.kept = outcome(lambda: guard.statistics(Linear3(classes=3), x) and "3-class classifier scores")
     row.status = "fixed" if row.now.startswith("error") and row.kept.startswith("accepted") else "open"

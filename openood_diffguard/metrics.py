@@ -26,7 +26,7 @@ scikit-learn: all +inf scores gave AUROC 0.0).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
@@ -50,9 +50,6 @@ class OODMetrics:
     def as_openood(self) -> list[float]:
         """``[fpr, auroc, aupr_in, aupr_out, acc]`` as OpenOOD's ``compute_all_metrics`` returns it."""
         return [self.fpr95_ood_positive, self.auroc, self.aupr_in, self.aupr_out, self.acc]
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def _as_1d(x: Any, name: str) -> np.ndarray:

@@ -9,7 +9,9 @@ import importlib
 from typing import Any
 
 DETECTORS: dict[str, str] = {
-    "diffguard": "openood_diffguard.detectors.diffguard:DiffGuard",
+    "diffguard": "openood_diffguard.detectors.diffguard:DiffGuard",  # builds one of the two below (``guidance``)
+    "diffguard_gdm": "openood_diffguard.detectors.diffguard_gdm:DiffGuardGDM",
+    "diffguard_cfg": "openood_diffguard.detectors.diffguard_cfg:DiffGuardCFG",
     "diffnb": "openood_diffguard.detectors.diffnb:DiffNB",
     "lfdn": "openood_diffguard.detectors.lfdn:LFDN",
 }
@@ -17,6 +19,8 @@ DETECTORS: dict[str, str] = {
 _PP = "openood_diffguard.openood.postprocessors"
 POSTPROCESSORS: dict[str, str] = {
     "diffguard": f"{_PP}:DiffGuardPostprocessor",
+    "diffguard_gdm": f"{_PP}:DiffGuardGDMPostprocessor",
+    "diffguard_cfg": f"{_PP}:DiffGuardCFGPostprocessor",
     "diffnb": f"{_PP}:DiffNBPostprocessor",
     "lfdn": f"{_PP}:LFDNPostprocessor",
     "detector": f"{_PP}:DetectorPostprocessor",  # any DETECTORS entry via postprocessor_args.detector

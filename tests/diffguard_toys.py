@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from openood_diffguard.diffusion.analytic import GaussianMixtureModel
+from analytic import GaussianMixtureModel
 from openood_diffguard.diffusion import CrossAttnUNetAdapter, DiTAdapter, LatentCodec, NoiseSchedule, UNetAdapter
 from openood_diffguard.space import ImageSpace
 

@@ -127,7 +127,7 @@ def test_detector_parameters_drive_the_backbone(unet_dir):
 
 def test_diffguard_user_model_is_configured_not_reloaded():
     model = UNetAdapter(_unet(), NoiseSchedule.from_config(SCHED))
-    det = DiffGuard(model=model, guidance="cfg", reference="input", dtype="bf16", cast_weights=True)
+    det = DiffGuard(model=model, guidance="cfg", dtype="bf16", cast_weights=True)
     det.setup(torch.nn.Identity())
     assert det.model is model and model.weights_dtype == torch.bfloat16
     with pytest.warns(UserWarning, match="reload"):

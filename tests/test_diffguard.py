@@ -72,7 +72,7 @@ def test_latent_path_with_gradcam_mask(which, request):
     net = TinyNet().eval()
     x = _images(2)
     det = DiffGuard(model=model, guidance="cfg", num_steps=4, steps_offset=1, inversion_convention="target",
-                    cfg_scale=10.0, cam_cut=0.3, reference="input", diffusion_size=16, score_size=16,
+                    cfg_scale=10.0, cam_cut=0.3, diffusion_size=16, score_size=16,
                     similarities=("dists", "logits_l1"), pretrained_metrics=False, num_classes=5)
     stats = det.statistics(net, x)
     conf = det.confidence(stats)
@@ -105,7 +105,8 @@ def test_bad_inputs_raise_clear_errors(tiny_unet):
     with pytest.raises(ValueError, match="guidance"):
         DiffGuard(guidance="both")
     with pytest.raises(ValueError, match="null class"):
-        DiffGuard(model=tiny_unet, **dict(GDM, guidance="cfg", reference="input")).statistics(net, x)
+        DiffGuard(model=tiny_unet, guidance="cfg", num_steps=10, diffusion_size=16, score_size=32,
+                  pretrained_metrics=False).statistics(net, x)
     with pytest.raises(KeyError, match="not computed"):
         DiffGuard(model=tiny_unet, **dict(GDM, similarity="logits_cos")).predict(net, x)
     with pytest.raises(ValueError, match="labels"):
@@ -134,8 +135,7 @@ def test_synthetic_separation_classifier_guidance(schedule):
 
 def test_synthetic_separation_cfg_and_label_dependence(schedule):
     known, clf, x, y_id = _mixture(schedule)
-    det = DiffGuard(model=known, guidance="cfg", cfg_scale=3.0, cam_cut=False, inversion_convention="target",
-                    reference="input", **COMMON)
+    det = DiffGuard(model=known, guidance="cfg", cfg_scale=3.0, cam_cut=False, inversion_convention="target", **COMMON)
     _, conf = det.predict(clf, x)
     auroc = roc_auc_score(IS_ID, conf.numpy())
     assert auroc > 0.9, auroc
@@ -159,8 +159,9 @@ def test_presets_are_complete_openood_ymls(preset):
     pp = cfg["postprocessor"]
     assert pp["name"] == DiffGuard.name and pp["APS_mode"] is False
     args = pp["postprocessor_args"]
-    assert set(args) == set(DiffGuard.DEFAULTS), set(args) ^ set(DiffGuard.DEFAULTS)  # every hyperparameter, spelled out
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         det = DiffGuard(**args)  # valid combination
+    # every parameter of the preset's path spelled out, and none of the other path's (they have no effect)
+    assert set(args) == set(type(det).DEFAULTS), set(args) ^ set(type(det).DEFAULTS)
     assert set(pp["postprocessor_sweep"]["similarity_list"]) <= set(det.params["similarities"])

@@ -12,6 +12,7 @@ from diffguard_toys import IMAGENET, TinyNet, _images, _mixture, schedule, tiny_
 from openood_diffguard.cache import ScoreCache, cached_statistics
 from openood_diffguard.detectors.base import ParameterError
 from openood_diffguard.detectors.diffguard import VARIANTS, DiffGuard, content_labels, official_grid
+from openood_diffguard.detectors.diffguard_gdm import DiffGuardGDM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -65,8 +66,8 @@ def test_variant_resolution_and_explicit_overrides():
     assert (paper["reference"], paper["aes_psnr"], paper["aes_dists_sim"], paper["forback_skip"],
             paper["guidance_target"], paper["timestep_spacing"]) == ("input", ("db", 6.39), 0.37, 2, "x0", "leading")
     ldm = DiffGuard(guidance="cfg").effective_params()
-    assert (ldm["cam_cut"], ldm["clean_level"], ldm["inversion_convention"], ldm["timestep_spacing"],
-            ldm["reference"]) == (0.3, "alpha0", "target", "ldm", "input")
+    assert (ldm["cam_cut"], ldm["clean_level"], ldm["inversion_convention"], ldm["timestep_spacing"]) == \
+        (0.3, "alpha0", "target", "ldm")
     ldm_paper = DiffGuard(guidance="cfg", variant="paper").effective_params()
     assert (ldm_paper["cam_cut"], ldm_paper["clean_level"], ldm_paper["inversion_convention"]) == \
         (0.2, "first_step", "source")
@@ -98,10 +99,10 @@ def test_variant_paper_is_its_explicit_values_end_to_end(tiny_unet):
 
 @pytest.mark.parametrize("preset, expect", [
     ("gdm_imagenet", dict(variant="code", reference="uncond", aes_psnr=("legacy", 48.5), aes_dists_sim=0.38,
-                          forback_skip=3, guidance_target="x0_blend", cam_cut=None)),
-    ("ldm_imagenet", dict(variant="code", reference="input", cam_cut=0.3, clean_level="alpha0",
+                          forback_skip=3, guidance_target="x0_blend")),
+    ("ldm_imagenet", dict(variant="code", cam_cut=0.3, clean_level="alpha0",
                           inversion_convention="target", timestep_spacing="ldm")),
-    ("cifar10", dict(variant="paper", reference="input", cam_cut=None, clean_level="first_step",
+    ("cifar10", dict(variant="paper", cam_cut=None, clean_level="first_step",
                      inversion_convention="source", timestep_spacing="leading")),
 ])
 def test_presets_resolve_to_the_documented_behaviour(preset, expect):
@@ -186,8 +187,9 @@ BAD_PARAMS = [
 
 @pytest.mark.parametrize("name, value", BAD_PARAMS)
 def test_every_parameter_is_validated_at_construction(name, value):
-    with pytest.raises(ParameterError, match=name):
-        DiffGuard(**{name: value})
+    path = {} if name in DiffGuardGDM.DEFAULTS else {"guidance": "cfg"}  # built on the path that has it
+    with pytest.raises(ParameterError, match=f"parameter '{name}' must"):
+        DiffGuard(**{name: value, **path})
 
 
 def test_contradictory_parameters_are_rejected():
@@ -195,9 +197,9 @@ def test_contradictory_parameters_are_rejected():
         DiffGuard(aes_psnr_db=6.0, aes_psnr_legacy=48.5)
     with pytest.raises(ParameterError, match="clean_level 'one'"):
         DiffGuard(clean_level="one", inversion_convention="source")
-    with pytest.raises(ParameterError, match="reference 'uncond'"):
-        DiffGuard(guidance="cfg", reference="uncond")
-    det = DiffGuard()
+    with pytest.raises(ParameterError, match="'reference' belongs to DiffGuard's 'classifier' path"):
+        DiffGuard(guidance="cfg", reference="uncond")  # the classifier-free path always compares with the input
+    det = DiffGuard(guidance="cfg")
     with pytest.raises(ParameterError, match="cam_cut"):
         det.set_params(cam_cut=2.0)
     assert det.params["cam_cut"] is None  # a rejected change leaves the detector as it was

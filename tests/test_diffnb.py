@@ -12,7 +12,7 @@ from digits_net import single_thread  # noqa: F401 (autouse: one CPU thread)
 from openood_diffguard.cache import ScoreCache, cached_statistics
 from openood_diffguard.detectors.base import ParameterError
 from openood_diffguard.detectors.diffnb import VARIANTS, DiffNB
-from openood_diffguard.diffusion.analytic import GaussianMixtureModel
+from analytic import GaussianMixtureModel
 from openood_diffguard.diffusion.noise import content_key, keyed_normal
 
 SHAPE = (3, 4, 4)

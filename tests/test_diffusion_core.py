@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from openood_diffguard.diffusion import DDIM, CLEAN, NoiseSchedule
-from openood_diffguard.diffusion.analytic import GaussianMixtureModel, gaussian_model
+from analytic import GaussianMixtureModel, gaussian_model
 from openood_diffguard.guidance import ClassifierFreeGuidance, ClassifierGuidance, log_prob_grad, model_eps
 
 

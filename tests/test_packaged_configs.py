@@ -14,7 +14,9 @@ from openood_diffguard.openood.sections import (detector_from_section, fusion_de
                                                 sweep_parameters)
 
 FILES = sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yml"))
-DETECTOR_OF = {"diffguard": "DiffGuard", "diffnb": "DiffNB", "lfdn": "LFDN"}
+#: the class a preset builds (DiffGuard's presets: by their ``guidance``; ``diffguard`` is the factory of both)
+DETECTOR_OF = {"diffguard_gdm": "DiffGuardGDM", "diffguard_cfg": "DiffGuardCFG", "diffnb": "DiffNB", "lfdn": "LFDN"}
+DIFFGUARD_PATH = {"classifier": "diffguard_gdm", "cfg": "diffguard_cfg"}
 
 
 def _section(stem):
@@ -46,6 +48,9 @@ def test_yml_builds_its_real_detector(stem):
     assert pp["name"] in registry.POSTPROCESSORS  # main.py's factory looks the class up by this name
     det, fusion = _build(pp)
     expected = pp["postprocessor_args"].get("detector", pp["name"])
+    if expected == "diffguard":
+        args = _section(pp["postprocessor_args"].get("detector_preset", stem))["postprocessor_args"]
+        expected = DIFFGUARD_PATH[args["guidance"]]
     assert type(det).__name__ == DETECTOR_OF[expected] and type(det).name == expected
     assert (fusion is not None) == stem.startswith("fusion_") == (pp["name"] == "diffguard_fusion")
     if fusion is not None:

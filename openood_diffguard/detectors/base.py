@@ -8,50 +8,75 @@ statistics (``cheap_params`` are excluded from the cache key).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-import numbers
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
+from .params import Param, ParameterError, check_choice, check_params, check_range, legacy_schema, plain
+
+__all__ = ["Detector", "DiffusionBackbone", "BACKBONE_PARAMS", "Param", "ParameterError", "check_choice", "check_range",
+           "check_images", "check_classifier_output"]
+
 
 class Detector(ABC):
     #: short name, also the OpenOOD postprocessor name
     name: ClassVar[str] = ""
-    #: every parameter with its default; unknown keys are rejected
+    #: the schema: every parameter with its default, types, allowed values and doc (``params.Param``);
+    #: unknown keys are rejected. ``DEFAULTS`` and ``cheap_params`` are derived from it.
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    #: parameter -> default (derived from ``PARAMS``)
     DEFAULTS: ClassVar[dict[str, Any]] = {}
-    #: parameters that only change ``confidence`` (re-score cached statistics)
+    #: parameters that only change ``confidence`` (re-score cached statistics; derived from ``PARAMS``)
     cheap_params: ClassVar[tuple[str, ...]] = ()
     #: attributes holding heavy models: dropped when pickled, rebuilt lazily by ``setup``/``_ensure_models``
     heavy_attributes: ClassVar[tuple[str, ...]] = ()
-    #: accepted types of parameters whose default does not say it (default None, or several types);
-    #: every other parameter must have the type of its default (``check_param_types``)
-    PARAM_TYPES: ClassVar[dict[str, tuple[type, ...]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "PARAMS" not in own and {"DEFAULTS", "PARAM_TYPES", "cheap_params"} & set(own):
+            # the older DEFAULTS + PARAM_TYPES + cheap_params declaration (third-party detectors)
+            cls.PARAMS = legacy_schema(own.get("DEFAULTS", cls.DEFAULTS), getattr(cls, "PARAM_TYPES", {}),
+                                       getattr(cls, "cheap_params", ()), inherited=cls.PARAMS)
+        cls.DEFAULTS = {k: p.default for k, p in cls.PARAMS.items()}
+        cls.cheap_params = tuple(k for k, p in cls.PARAMS.items() if p.cheap)
 
     def __init__(self, **params: Any) -> None:
-        unknown = set(params) - set(self.DEFAULTS)
+        unknown = set(params) - set(self.PARAMS)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}; "
-                            f"allowed: {sorted(self.DEFAULTS)}")
-        self.params: dict[str, Any] = {**self.DEFAULTS, **params}
+                            f"allowed: {sorted(self.PARAMS)}")
+        self.params: dict[str, Any] = {**{k: copy.deepcopy(v) for k, v in self.DEFAULTS.items()}, **params}
         for k in self.heavy_attributes:
             setattr(self, k, None)
-        check_param_types(self)
+        check_params(type(self).__name__, self.PARAMS, self.params)
         self.validate_params()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> "Detector":
+        """A detector from a parameter mapping (a yml's ``postprocessor_args``, or ``config()`` output);
+        ``kwargs`` are constructor arguments that are not parameters (e.g. ``model=``)."""
+        return cls(**kwargs, **dict(config))
+
+    def config(self) -> dict[str, Any]:
+        """The parameters as plain yml data; ``type(d).from_config(config)`` rebuilds an equal detector."""
+        return {k: plain(v) for k, v in self.params.items()}
 
     # ------------------------------------------------------------------ parameters
     def set_params(self, **params: Any) -> "Detector":
-        unknown = set(params) - set(self.DEFAULTS)
+        unknown = set(params) - set(self.PARAMS)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}")
         expensive = {k for k in params if k not in self.cheap_params and params[k] != self.params.get(k)}
         before = dict(self.params)
         self.params.update(params)
         try:
-            check_param_types(self)
+            check_params(type(self).__name__, self.PARAMS, self.params)
             self.validate_params()
         except Exception:
             self.params = before  # a rejected change leaves the detector as it was
@@ -61,7 +86,8 @@ class Detector(ABC):
         return self
 
     def validate_params(self) -> None:
-        """Hook: check (and normalise) ``self.params``; runs after construction and every ``set_params``."""
+        """Hook: checks that relate several parameters (and normalisation of values); runs after the schema
+        check, on construction and every ``set_params``."""
 
     def _on_expensive_change(self, changed: set[str]) -> None:
         """Hook: drop state derived from changed expensive parameters (default: nothing)."""
@@ -131,9 +157,8 @@ class DiffusionBackbone:
     """Mixin for detectors that run a diffusion model ``self.model`` loaded from ``model_path`` (or passed
     in by the user): the precision and compilation of its backbone are parameters like any other.
 
-    Subclasses add ``BACKBONE_PARAMS`` to their DEFAULTS (next to their own ``dtype``), call
-    ``_check_backbone_params`` in ``validate_params``, implement ``_load`` and call ``_ensure_models``
-    before scoring.
+    Subclasses add ``BACKBONE_PARAMS`` to their ``PARAMS`` (next to their own ``dtype``), implement
+    ``_load`` and call ``_ensure_models`` before scoring.
     """
 
     #: True when the model was passed in by the user (never reloaded from model_path)
@@ -141,19 +166,10 @@ class DiffusionBackbone:
     #: parameters whose change makes a loaded model stale
     _model_identity: tuple[str, ...] = ("model_path",)
 
-    PARAM_TYPES: ClassVar[dict[str, tuple[type, ...]]] = {"compile": (bool, dict)}
-
     def __init__(self, model: Any = None, **params: Any) -> None:
         super().__init__(**params)
         self.model = model  # a DiffusionModel adapter, or None = load from model_path in setup()
         self._user_model = model is not None
-
-    def _check_backbone_params(self) -> None:
-        if not isinstance(self.params["cast_weights"], bool):
-            raise ValueError(f"cast_weights must be true or false, got {self.params['cast_weights']!r}")
-        if not isinstance(self.params["compile"], (bool, dict)):
-            raise ValueError("compile must be false, true or a mapping of torch.compile options "
-                             f"(mode, backend, dynamic, ...), got {self.params['compile']!r}")
 
     #: what to tell a user who set no model_path
     _missing_model: str = "set model_path to a local diffusers model directory (weights are never downloaded)"
@@ -210,9 +226,11 @@ class DiffusionBackbone:
 
 
 #: precision / compilation parameters of the diffusion backbone (see ``DiffusionModel.configure``)
-BACKBONE_PARAMS: dict[str, Any] = {
-    "cast_weights": False,  # False: autocast fp32 weights to dtype; True: store the backbone in dtype (faster on GPU)
-    "compile": False,       # torch.compile the backbone: false | true | {mode: ..., backend: ..., dynamic: ...}
+BACKBONE_PARAMS: dict[str, Param] = {
+    "cast_weights": Param(False, "false: autocast fp32 weights to dtype; true: store the backbone in dtype "
+                                 "(faster on GPU)"),
+    "compile": Param(False, "torch.compile the backbone: false | true | {mode: ..., backend: ..., dynamic: ...}",
+                     types=(bool, dict)),
 }
 
 
@@ -228,77 +246,6 @@ def check_classifier_output(logits: torch.Tensor, num_classes: int | None) -> No
 
 
 # ---------------------------------------------------------------------------------------- validation
-class ParameterError(TypeError, ValueError):
-    """A detector parameter of the wrong type or out of range (catchable as either built-in)."""
-
-
-def _type_of_default(default: Any) -> tuple[type, ...] | None:
-    """Types a parameter with this default accepts (None: not derivable, declare it in PARAM_TYPES)."""
-    if isinstance(default, bool):
-        return (bool,)
-    if isinstance(default, int):
-        return (int,)
-    if isinstance(default, float):
-        return (float, int)  # 3 is a fine value for a float parameter
-    if isinstance(default, str):
-        return (str,)
-    if isinstance(default, (list, tuple)):
-        return (list, tuple)
-    if isinstance(default, dict):
-        return (dict,)
-    return None
-
-
-_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
-               tuple: "a list", dict: "a mapping", type(None): "null"}
-
-
-def _is_instance(value: Any, kind: type) -> bool:
-    # yml/APS values may arrive as numpy scalars; bools are ints to Python but never valid numbers here
-    if kind is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def check_param_types(detector: "Detector") -> None:
-    """Every parameter has the type of its default (or one declared in ``PARAM_TYPES``); the error names the
-    parameter, e.g. ``repeats: "four"`` or ``cfg_scale: "3.0"`` (a string from a yml typo)."""
-    owner = type(detector).__name__
-    for name, value in detector.params.items():
-        default = detector.DEFAULTS.get(name)
-        kinds = detector.PARAM_TYPES.get(name) or _type_of_default(default)
-        if kinds is None:
-            continue
-        if default is None and type(None) not in kinds:
-            kinds = (*kinds, type(None))
-        if not any(_is_instance(value, k) for k in kinds):
-            wanted = " or ".join(dict.fromkeys(_TYPE_NAMES.get(k, k.__name__) for k in kinds))
-            raise ParameterError(f"{owner}: parameter {name!r} must be {wanted}, got {value!r} ({type(value).__name__})")
-
-
-def check_range(owner: Any, name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """ValueError naming the parameter when ``value`` lies outside [low, high] (or the open ends)."""
-    if value is None:
-        return
-    bad = ((low is not None and (value <= low if low_open else value < low))
-           or (high is not None and (value >= high if high_open else value > high)))
-    if bad:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        cls = owner if isinstance(owner, str) else type(owner).__name__
-        raise ParameterError(f"{cls}: parameter {name!r} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
-
-
-def check_choice(owner: Any, name: str, value: Any, choices: Iterable[Any]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        cls = owner if isinstance(owner, str) else type(owner).__name__
-        raise ParameterError(f"{cls}: parameter {name!r} must be one of {list(choices)}, got {value!r}")
-
-
 def check_images(images: Any, owner: str = "detector") -> None:
     """The same first check in every detector: a non-empty, finite, floating [B, C, H, W] tensor.
     (The value range is checked against the normalisation by ``ImageSpace.validate``.)"""

@@ -1,19 +1,27 @@
-"""DiffGuard (ICCV 2023): re-synthesise the image guided by the classifier's label; ID images survive,
-OOD images drift toward the (wrong) predicted class. Score = similarity(reference, synthesis).
+"""DiffGuard (Gao et al., "DiffGuard: Semantic Mismatch-Guided Out-of-Distribution Detection using Pre-trained
+Diffusion Models", ICCV 2023, https://arxiv.org/abs/2308.07687; code https://github.com/cure-lab/DiffGuard):
+re-synthesise the image guided by the classifier's label; ID images survive, OOD images drift toward the
+(wrong) predicted class. Score = similarity(reference, synthesis).
 
-Two guidance paths, both batched with per-sample state (no loop over samples):
+Two algorithms, one detector each, composed from the shared parts in this module (``DiffGuard``: models,
+image space, DDIM grids and paths, guide labels, similarities, confidence); both batched with per-sample
+state (no loop over samples):
 
-``guidance: classifier`` (GDM, unconditional pixel model, official ``exp6.1``):
-  DDIM inversion (source-level eps, clip-consistent except at t=0), adaptive early stop per sample on the
-  noisy state (PSNR OR DISTS-similarity below a threshold; cap 90 of 100 steps); then denoising from
-  ``forback_skip - 2`` levels above the stop with "Clean Grad" classifier guidance (gradient of the sum
-  over 8 seeded cutouts of log softmax[y], taken on the blend of x_t and the unclipped x0 prediction,
-  scale 3). The reference is the unguided reconstruction from the same latent (the official
-  ``uncond_aux``), run in the same batch. Score = 1 - DISTS at 224.
-``guidance: cfg`` (class-conditional latent model, official ``ldm-exp2.25``; also the CIFAR-10 preset):
-  full DDIM inversion with the null class, then classifier-free guidance toward y with scale w, applied
-  only where the Grad-CAM of y exceeds ``cam_cut``. Reference = input. Score = 1 - DISTS (LDM, 256) or
-  -l1 between raw logits (CIFAR).
+``DiffGuardGDM`` (``diffguard_gdm.py``, registered ``diffguard_gdm``; ``guidance: classifier``): unconditional
+  pixel model, official ``exp6.1``. DDIM inversion (source-level eps, clip-consistent except at t=0),
+  adaptive early stop per sample on the noisy state (PSNR OR DISTS-similarity below a threshold; cap 90 of
+  100 steps); then denoising from ``forback_skip - 2`` levels above the stop with "Clean Grad" classifier
+  guidance (gradient of the sum over 8 seeded cutouts of log softmax[y], taken on the blend of x_t and the
+  unclipped x0 prediction, scale 3). The reference is the unguided reconstruction from the same latent (the
+  official ``uncond_aux``), run in the same batch. Score = 1 - DISTS at 224.
+``DiffGuardCFG`` (``diffguard_cfg.py``, registered ``diffguard_cfg``; ``guidance: cfg``): class-conditional
+  latent model, official ``ldm-exp2.25``; also the CIFAR-10 preset. Full DDIM inversion with the null class,
+  then classifier-free guidance toward y with scale w, applied only where the Grad-CAM of y exceeds
+  ``cam_cut``. Reference = input. Score = 1 - DISTS (LDM, 256) or -l1 between raw logits (CIFAR).
+
+``DiffGuard(guidance=..., **params)`` (registered ``diffguard``, the name of the packaged presets) builds the
+detector of that path: ``guidance`` is each detector's fixed tag, and a parameter of the other path is
+rejected (it had no effect there).
 
 ``variant`` says whose text a null parameter follows: ``code`` = the released code (cure-lab/DiffGuard
 6125295: guided-diffusion conventions on the classifier path, its vendored latent-diffusion sampler on the
@@ -32,27 +40,22 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import DDIM, DiffusionModel, load_dit, load_unet
-from ..diffusion.schedule import _bcast
-from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipConsistent, log_prob_grad, model_eps
-from ..guidance.cutouts import Cutouts
-from ..guidance.gradcam import GradCAM, cam_mask
-from ..similarity import (EMBEDDING_SIMILARITIES, PerceptualDistance, classifier_embedding, embedding_similarities, psnr,
-                          select_features)
+from ..diffusion import DiffusionModel, load_dit, load_unet
+from ..similarity import EMBEDDING_SIMILARITIES, PerceptualDistance, classifier_embedding, embedding_similarities
 from ..space import ImageSpace, resolve_normalization
-from .base import (BACKBONE_PARAMS, Detector, DiffusionBackbone, ParameterError, check_choice, check_classifier_output,
-                   check_images, check_range)
+from .base import (BACKBONE_PARAMS, Detector, DiffusionBackbone, Param, ParameterError, check_choice,
+                   check_classifier_output, check_images)
 
 _PERCEPTUAL = ("dists", "lpips")
-_LEGACY_PSNR_PEAK = 255.0  # the official code's PSNR peak on [-1, 1] tensors
-_UNCOND = "diffusion_label"  # cond key that is never set: the diffusion model runs unconditionally
+UNCOND = "diffusion_label"  # cond key that is never set: the diffusion model runs unconditionally
 
-#: what a null parameter resolves to, per variant and guidance path (classifier = GDM, cfg = LDM / CIFAR).
+#: what a null parameter resolves to, per variant and guidance path (classifier = GDM, cfg = LDM / CIFAR); each
+#: path's table holds only that path's parameters (plus ``aes_psnr``, the resolved form of the two AES PSNR ones).
 #: code: cure-lab/DiffGuard 6125295 (exp6.1 over guided-diffusion-psnr-dists.yaml; ldm-exp2.25 over
 #: latent-diffusion-model.yaml); paper: the ICCV 2023 text, textbook DDIM where it says nothing.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -64,26 +67,22 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                            aes_dists_sim=0.38,                   # exp6.1 early_stop_thresh (base config: 0.37)
                            forback_skip=3,                       # forback_skip_diff: 3
                            guidance_target="x0_blend",           # cond_fn: f x0_hat + (1 - f) x_t
-                           cam_cut=None,                         # no DSG on the GDM path
                            reference="uncond"),                  # runner.uncond_aux: True
         "cfg": dict(timestep_spacing="ldm",                      # make_ddim_timesteps (+1, 1000 dropped)
                     inversion_convention="target",               # DDIMForward: eps at the target level
                     clean_level="alpha0",                        # alphas_prev[0] = alpha_bar[0] at both ends
-                    aes_psnr=None, aes_dists_sim=None,            # no AES on the LDM path
-                    forback_skip=2,                               # full grid back from the inversion's end
-                    guidance_target="x0_blend", cam_cut=0.3,      # latent-diffusion-model.yaml cam_cut
-                    reference="input"),
+                    cam_cut=0.3),                                # latent-diffusion-model.yaml cam_cut
     },
     "paper": {
         "classifier": dict(timestep_spacing="leading", inversion_convention="source",  # Eq. 6: eps(x_t)
                            clean_level="first_step", aes_psnr=("db", 6.39), aes_dists_sim=0.37,  # Table 4
                            forback_skip=2, guidance_target="x0",  # Eq. 7: x0_hat as a substitute of x_t
-                           cam_cut=None, reference="input"),      # Fig. 1: similarity to the input
+                           reference="input"),                    # Fig. 1: similarity to the input
         "cfg": dict(timestep_spacing="leading", inversion_convention="source", clean_level="first_step",
-                    aes_psnr=None, aes_dists_sim=None, forback_skip=2, guidance_target="x0",
-                    cam_cut=0.2, reference="input"),              # Fig. 7: cut-point ~0.2
+                    cam_cut=0.2),                                 # Fig. 7: cut-point ~0.2
     },
 }
+GUIDANCE = ("classifier", "cfg")  # the two paths, in VARIANTS' order
 _SPACINGS = ("leading", "trailing", "linspace", "guided_diffusion", "ldm")
 _CLEAN_LEVELS = ("first_step", "alpha0", "one")
 
@@ -131,109 +130,106 @@ def _load_ldm():
 
 
 _LOADERS = {"unet": lambda: load_unet, "dit": lambda: load_dit, "ldm": _load_ldm}
-_OFF = "false = off"
+
+
+def path_class(guidance: Any) -> type["DiffGuard"]:
+    """The detector of a guidance path: ``classifier`` -> DiffGuardGDM, ``cfg`` -> DiffGuardCFG."""
+    check_choice("DiffGuard", "guidance", guidance, GUIDANCE)
+    from .diffguard_cfg import DiffGuardCFG  # the path modules import this one: resolved at call time
+    from .diffguard_gdm import DiffGuardGDM
+
+    return DiffGuardGDM if guidance == "classifier" else DiffGuardCFG
 
 
 class DiffGuard(DiffusionBackbone, Detector):
+    """DiffGuard's shared parts, and the factory of its two detectors (Gao et al., ICCV 2023,
+    https://arxiv.org/abs/2308.07687; code https://github.com/cure-lab/DiffGuard).
+
+    ``DiffGuard(guidance="classifier" | "cfg", **params)`` returns a ``DiffGuardGDM`` or a ``DiffGuardCFG``
+    (both subclasses of this class); ``guidance`` defaults to ``classifier``, as before the split. The
+    subclasses implement ``_guided_synthesis`` and add their path's parameters to ``DEFAULTS``.
+    """
+
     name = "diffguard"
-    DEFAULTS: dict[str, Any] = {
-        # models and spaces
-        "model_type": "unet",  # unet (UNet2DModel dir) | dit (DiT pipeline dir) | ldm (`convert ldm` dir); or model=adapter
-        "model_path": None,  # local path only, never downloaded
-        "num_classes": None,  # classifier classes (checked against the logits); None = any
-        "normalization": "imagenet",  # OpenOOD normalization_type / dataset name
-        "diffusion_size": 256,  # pixel side the diffusion model (or its VAE) sees; None = image size
-        "dtype": "fp32",  # fp32 | bf16 (diffusion model: see cast_weights; guidance classifier: autocast)
+    PARAMS = {
+        "model_type": Param("unet", "unet (UNet2DModel dir) | dit (DiT pipeline dir) | ldm (`convert ldm` dir); or "
+                                    "model=adapter", choices=("unet", "dit", "ldm")),
+        "model_path": Param(None, "local path only, never downloaded", types=(str, os.PathLike)),
+        "num_classes": Param(None, "classifier classes (checked against the logits); null = any", types=(int,), low=1),
+        "normalization": Param("imagenet", "OpenOOD normalization_type / dataset name", nullable=True),
+        "diffusion_size": Param(256, "pixel side the diffusion model (or its VAE) sees; null = image size",
+                                nullable=True, low=1),
+        "dtype": Param("fp32", "fp32 | bf16 (diffusion model: see cast_weights; guidance classifier: autocast)",
+                       choices=("fp32", "bf16")),
         **BACKBONE_PARAMS,
-        "variant": "code",  # code (released code) | paper (paper text): what every null below resolves to
-        # DDIM path
-        "guidance": "classifier",  # classifier (GDM) | cfg (LDM / DiT / CIFAR)
-        "num_steps": 100,
-        "timestep_spacing": None,  # null = variant | leading | trailing | linspace | guided_diffusion | ldm
-        "steps_offset": 0,  # added to the grid (LDM's own +1 is part of the 'ldm' rule)
-        "inversion_convention": None,  # null = variant | source (guided-diffusion, paper Eq. 6) | target (LDM)
-        "clean_level": None,  # null = variant | first_step | alpha0 | one (where the clean image sits on the path)
-        "inversion_refine": 0,  # fixed-point refinements per inversion step (0 = as the official code)
-        "clip_denoised": True,  # clip-consistent eps (x0 clamped to [-1, 1]); classifier path only
-        # adaptive early stop (classifier path)
-        "max_inversion_steps": 90,  # cap on inversion steps; None = the whole grid
-        "aes": True,
-        "aes_psnr_db": None,  # null = variant; stop when PSNR (peak 2, dB) of noisy state vs input falls below; false = off
-        "aes_psnr_legacy": None,  # e.g. 48.5: the code's 255-peak PSNR with this threshold (overrides aes_psnr_db)
-        "aes_dists_sim": None,  # null = variant (code 0.38, paper 0.37); ... or when 1 - DISTS falls below; false = off
-        "forback_skip": None,  # null = variant; denoise from stop + forback_skip - 2 levels (2 = the inversion's end)
-        # classifier guidance
-        "classifier_scale": 3.0,
-        "guidance_target": None,  # null = variant | x0_blend (code) | x0 (paper Eq. 7) | xt
-        "cutouts": 8,  # 0 = the whole image, no augmentation
-        "cutout_min_fraction": 224 / 256,
-        "cutout_seed": 100,
-        # classifier-free guidance
-        "cfg_scale": 10.0,
-        "cam_cut": None,  # null = variant (code 0.3, paper 0.2); Grad-CAM threshold; false = CFG everywhere
-        "cam_layer": "layer4.-1",
-        # scoring
-        "reference": None,  # null = variant | uncond (official GDM) | input
-        "similarities": ("dists",),  # computed: dists, lpips, logits_l1, logits_cos, feature_l2, feature_cos
-        "score_size": 224,  # side for DISTS/LPIPS (GDM 224, LDM 256); None = as is
-        "score_antialias": False,  # antialiased downsizing to score_size (torchvision >= 0.17's Resize); false = < 0.17
-        "similarity": "dists",  # cheap: which computed similarity is the confidence
-        "label_mode": "pred",  # pred | oracle (analysis only)
-        "oracle_seed": 0,
-        "metric_weights": None,  # folder with vgg16 / dists / lpips weights; None = torch hub checkpoints/
-        "pretrained_metrics": True,  # False = random VGG/DISTS weights (tests, benchmarks)
+        "variant": Param("code", "code (released code) | paper (paper text): what every null resolves to",
+                         choices=tuple(VARIANTS)),
+        "guidance": Param("classifier", "classifier (DiffGuardGDM) | cfg (DiffGuardCFG): the path; fixed per class",
+                          choices=GUIDANCE),
+        "num_steps": Param(100, "DDIM steps of the grid", low=1),
+        "timestep_spacing": Param(None, "null = variant | leading | trailing | linspace | guided_diffusion | ldm",
+                                  choices=_SPACINGS),
+        "steps_offset": Param(0, "added to the grid (LDM's own +1 is part of the 'ldm' rule)", low=0),
+        "inversion_convention": Param(None, "null = variant | source (guided-diffusion, paper Eq. 6) | target (LDM)",
+                                      choices=("source", "target")),
+        "clean_level": Param(None, "null = variant | first_step | alpha0 | one (where the clean image sits on the "
+                                   "path)", choices=_CLEAN_LEVELS),
+        "inversion_refine": Param(0, "fixed-point refinements per inversion step (0 = as the official code)", low=0),
+        "similarities": Param(("dists",), "computed: dists, lpips, logits_l1, logits_cos, feature_l2, feature_cos"),
+        "score_size": Param(224, "side for DISTS/LPIPS (GDM 224, LDM 256); null = as is", nullable=True, low=1),
+        "score_antialias": Param(False, "antialiased downsizing to score_size (torchvision >= 0.17's Resize); "
+                                        "false = < 0.17"),
+        "similarity": Param("dists", "which computed similarity is the confidence", cheap=True),
+        "label_mode": Param("pred", "pred | oracle (analysis only)", choices=("pred", "oracle")),
+        "oracle_seed": Param(0, "seed of the OOD samples' random labels in oracle mode", low=0),
+        "metric_weights": Param(None, "folder with vgg16 / dists / lpips weights; null = torch hub checkpoints/",
+                                types=(str, os.PathLike)),
+        "pretrained_metrics": Param(True, "false = random VGG/DISTS weights (tests, benchmarks)"),
     }
-    cheap_params = ("similarity",)
     heavy_attributes = ("model", "_perceptual")
-    PARAM_TYPES = {**DiffusionBackbone.PARAM_TYPES, "num_classes": (int,), "diffusion_size": (int, type(None)),
-                   "max_inversion_steps": (int, type(None)), "timestep_spacing": (str,), "inversion_convention": (str,),
-                   "clean_level": (str,), "aes_psnr_db": (float, bool), "aes_psnr_legacy": (float,),
-                   "aes_dists_sim": (float, bool), "forback_skip": (int,), "guidance_target": (str,),
-                   "cam_cut": (float, bool), "reference": (str,), "score_size": (int, type(None)),
-                   "normalization": (str, type(None)), "model_path": (str, os.PathLike),
-                   "metric_weights": (str, os.PathLike)}
+    #: parameters whose ``false`` means off, resolved to None by ``effective_params``
+    _SWITCHES: ClassVar[tuple[str, ...]] = ()
+
+    def __new__(cls, model: DiffusionModel | None = None, **params: Any) -> "DiffGuard":
+        if cls is DiffGuard:  # the factory: the detector of the requested path
+            cls = path_class(params.get("guidance", DiffGuard.DEFAULTS["guidance"]))
+        return super().__new__(cls)
 
     def __init__(self, model: DiffusionModel | None = None, **params: Any) -> None:
+        self._reject_other_path(params)
         super().__init__(model, **params)
         self._perceptual: dict[str, PerceptualDistance] | None = None
-        self._cutouts = Cutouts(self.params["cutouts"] or 1, self.params["cutout_min_fraction"],
-                                seed=self.params["cutout_seed"])
+
+    def __setstate__(self, state: dict) -> None:
+        params = state.get("params", {})
+        if set(params) - set(self.DEFAULTS):  # pickled before the split: every path's parameters in one class
+            self.__class__ = path_class(params["guidance"])
+            state = {k: v for k, v in state.items() if k != "_cutouts" or "cutouts" in self.DEFAULTS}
+            state["params"] = {k: v for k, v in params.items() if k in self.DEFAULTS}  # the rest had no effect
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ configuration
+    def _reject_other_path(self, params: Mapping[str, Any]) -> None:
+        """A parameter of the other path is an error naming that path (it never had an effect here)."""
+        own = self.DEFAULTS["guidance"]
+        for guidance in GUIDANCE:
+            other = path_class(guidance) if guidance != own else None
+            foreign = [k for k in params if other is not None and k in other.DEFAULTS and k not in self.DEFAULTS]
+            if foreign:
+                raise ParameterError(f"{type(self).__name__}: parameter {foreign[0]!r} belongs to DiffGuard's "
+                                     f"{guidance!r} path ({other.__name__}, guidance: {guidance}); it has no effect "
+                                     f"with guidance {own!r}: remove it")
+
+    def set_params(self, **params: Any) -> "DiffGuard":
+        self._reject_other_path(params)
+        return super().set_params(**params)
+
     def validate_params(self) -> None:
-        p, me = self.params, "DiffGuard"
-        choices = {"variant": tuple(VARIANTS), "guidance": ("classifier", "cfg"), "label_mode": ("pred", "oracle"),
-                   "dtype": ("fp32", "bf16"), "model_type": ("unet", "dit", "ldm")}
-        nullable = {"timestep_spacing": _SPACINGS, "inversion_convention": ("source", "target"),
-                    "clean_level": _CLEAN_LEVELS, "guidance_target": ClassifierGuidance.TARGETS,
-                    "reference": ("uncond", "input")}
-        for key, allowed in choices.items():
-            check_choice(me, key, p[key], allowed)
-        for key, allowed in nullable.items():
-            if p[key] is not None:
-                check_choice(me, key, p[key], allowed)
-        for key in ("aes_psnr_db", "aes_dists_sim", "cam_cut"):  # a number, null (= variant) or false (= off)
-            if p[key] is True:
-                raise ParameterError(f"{me}: parameter {key!r} must be a number, null (the variant's value) or "
-                                     f"false (off), got true")
-        for key in ("aes_psnr_db", "aes_psnr_legacy", "aes_dists_sim"):
-            if isinstance(p[key], float) and p[key] != p[key]:
-                raise ParameterError(f"{me}: parameter {key!r} must be a number, got NaN")
-        if p["aes_psnr_legacy"] is not None and p["aes_psnr_db"] not in (None, False):
-            raise ParameterError(f"{me}: set either 'aes_psnr_db' (dB, peak 2) or 'aes_psnr_legacy' (the code's "
-                                 f"255-peak PSNR), not both")
-        for key, low in (("num_classes", 1), ("diffusion_size", 1), ("num_steps", 1), ("steps_offset", 0),
-                         ("inversion_refine", 0), ("max_inversion_steps", 1), ("forback_skip", 1), ("cutouts", 0),
-                         ("cutout_seed", 0), ("score_size", 1), ("oracle_seed", 0)):
-            check_range(me, key, p[key], low)
-        check_range(me, "classifier_scale", p["classifier_scale"], 0.0)
-        check_range(me, "cfg_scale", p["cfg_scale"], 0.0)
-        check_range(me, "cutout_min_fraction", p["cutout_min_fraction"], 0.0, 1.0, low_open=True)
-        if not isinstance(p["cam_cut"], bool):
-            check_range(me, "cam_cut", p["cam_cut"], -1.0, 1.0)  # negative: guide the low-activation area
-        if not isinstance(p["cam_layer"], str) or not p["cam_layer"]:
-            raise ParameterError(f"{me}: parameter 'cam_layer' must be a dotted module path such as 'layer4.-1', "
-                                 f"got {p['cam_layer']!r}")
+        p, me = self.params, type(self).__name__
+        if p["guidance"] != self.DEFAULTS["guidance"]:
+            raise ParameterError(f"{me}: parameter 'guidance' is fixed to {self.DEFAULTS['guidance']!r} (this class "
+                                 f"is that path), got {p['guidance']!r}; use DiffGuard(guidance={p['guidance']!r}, ...) "
+                                 "or the other path's class")
         known = set(_PERCEPTUAL) | set(EMBEDDING_SIMILARITIES)
         p["similarities"] = tuple(p["similarities"])
         bad = set(p["similarities"]) - known
@@ -241,33 +237,22 @@ class DiffGuard(DiffusionBackbone, Detector):
             raise ParameterError(f"{me}: unknown similarities {sorted(bad)}; choose from {sorted(known)}")
         check_choice(me, "similarity", p["similarity"], sorted(known))
         eff = self.effective_params()
-        if eff["guidance"] == "cfg" and eff["reference"] == "uncond":
-            raise ParameterError(f"{me}: reference 'uncond' is the classifier-guidance (GDM) setting; use 'input' with cfg")
         if eff["clean_level"] == "one" and eff["inversion_convention"] == "source":
             raise ParameterError(f"{me}: clean_level 'one' needs inversion_convention 'target' (source-level "
                                  "inversion would evaluate the model at the clean level); use clean_level "
                                  "'first_step' with 'source'")
-        self._check_backbone_params()
         if p["label_mode"] == "oracle":
             warnings.warn("DiffGuard oracle-label mode reads the test labels (GT for ID, random for OOD): "
-                          "analysis only, not a detector", stacklevel=3)
+                          "analysis only, not a detector", stacklevel=4)
 
     def effective_params(self) -> dict[str, Any]:
         """``params`` with every null variant-driven parameter replaced by the ``variant``'s value for this
-        guidance path; AES PSNR as ``aes_psnr = None | ("db", threshold) | ("legacy", threshold)`` and
-        false (off) switches as None."""
+        guidance path, and false (off) switches as None."""
         p = dict(self.params)
-        table = VARIANTS[p["variant"]][p["guidance"]]
-        for key, value in table.items():
-            if key != "aes_psnr" and p.get(key) is None:
+        for key, value in VARIANTS[p["variant"]][p["guidance"]].items():
+            if key in p and p[key] is None:
                 p[key] = value
-        if p["aes_psnr_legacy"] is not None:
-            p["aes_psnr"] = ("legacy", float(p["aes_psnr_legacy"]))
-        elif p["aes_psnr_db"] is None:
-            p["aes_psnr"] = table["aes_psnr"]
-        else:
-            p["aes_psnr"] = None if p["aes_psnr_db"] is False else ("db", float(p["aes_psnr_db"]))
-        for key in ("aes_dists_sim", "cam_cut"):
+        for key in self._SWITCHES:
             if p[key] is False:
                 p[key] = None
         return p
@@ -278,9 +263,6 @@ class DiffGuard(DiffusionBackbone, Detector):
         super()._on_expensive_change(changed)
         if changed & {"metric_weights", "pretrained_metrics"}:
             self._perceptual = None
-        if changed & {"cutouts", "cutout_min_fraction", "cutout_seed"}:
-            self._cutouts = Cutouts(self.params["cutouts"] or 1, self.params["cutout_min_fraction"],
-                                    seed=self.params["cutout_seed"])
 
     # ------------------------------------------------------------------ models
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:
@@ -292,21 +274,8 @@ class DiffGuard(DiffusionBackbone, Detector):
     def _load(self, path: str) -> DiffusionModel:
         return _LOADERS[self.params["model_type"]]()(path)
 
-    def _check_model(self) -> None:
-        if self.params["guidance"] != "cfg":
-            return
-        if self.model.null_class is None:
-            raise ValueError("guidance 'cfg' needs a class-conditional diffusion model with a null class")
-        n = self.params["num_classes"]
-        if n is not None and self.model.num_classes is not None and n > self.model.num_classes:
-            raise ValueError(self._too_many_classes(n))
-
-    def _too_many_classes(self, n: int) -> str:
-        m = self.model
-        return (f"DiffGuard: the classifier has {n} classes but the diffusion model has {m.num_classes} real classes "
-                f"(its null class is {m.null_class}): classifier-free guidance toward a label >= {m.num_classes} "
-                "would guide toward the null class or a row the model was never trained on. Use the diffusion "
-                "model trained on the classifier's classes (num_class_embeds = classes + 1)")
+    def _check_classes(self, num_classes: int) -> None:
+        """Hook: requirements on the classifier's class count given the loaded diffusion model."""
 
     def _metric(self, kind: str) -> PerceptualDistance:
         if self._perceptual is None:
@@ -361,16 +330,17 @@ class DiffGuard(DiffusionBackbone, Detector):
         with torch.no_grad():
             emb_in = classifier_embedding(net, images)
         check_classifier_output(emb_in["logits"], self.params["num_classes"])
-        if eff["guidance"] == "cfg" and model.num_classes is not None and emb_in["logits"].shape[1] > model.num_classes:
-            raise ValueError(self._too_many_classes(emb_in["logits"].shape[1]))
+        self._check_classes(emb_in["logits"].shape[1])
         pred = emb_in["logits"].argmax(1)
         y = self._guide_labels(images, pred, labels, emb_in["logits"].shape[1])
         x_px = space.to_pixels(images)
-        if eff["guidance"] == "classifier":
-            out = self._classifier_path(net, x_px, y, space, tuple(images.shape[-2:]), eff)
-        else:
-            out = self._cfg_path(net, images, x_px, y, space, eff)
+        out = self._guided_synthesis(net, images, x_px, y, space, eff)
         return {"pred": pred, "guide_label": y, "input": x_px, "embedding": emb_in, **out}
+
+    def _guided_synthesis(self, net: torch.nn.Module, images: torch.Tensor, x_px: torch.Tensor, y: torch.Tensor,
+                          space: ImageSpace, eff: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The path: ``synthesis``, ``latents``, ``stop_index`` (and ``reference`` when it is not the input)."""
+        raise NotImplementedError
 
     def statistics(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         syn = self.synthesise(net, images, labels)
@@ -401,121 +371,6 @@ class DiffGuard(DiffusionBackbone, Detector):
             raise ValueError(f"label_mode 'oracle': got {tuple(labels.shape)} labels for {len(pred)} images")
         rand = content_labels(images, num_classes, self.params["oracle_seed"]).to(pred.device)
         return torch.where(labels >= 0, labels, rand)
-
-    # ------------------------------------------------------------------ GDM: classifier guidance
-    def _inversion_eps(self, model: DiffusionModel):
-        """Unconditional eps; clip-consistent at t > 0 (guided-diffusion reverse step, raw at t = 0)."""
-        raw = model_eps(model, label_key=_UNCOND)
-        if not self.params["clip_denoised"]:
-            return raw
-
-        def eps_fn(x, t, cond):
-            e = raw(x, t, cond)
-            clipped = ClipConsistent(lambda *_: e, model.schedule)(x, t, cond)
-            return torch.where(_bcast(t > 0, e), clipped, e)
-
-        return eps_fn
-
-    def _early_stop(self, x_px: torch.Tensor, eff: Mapping[str, Any]):
-        psnr_rule, dists_sim = eff["aes_psnr"], eff["aes_dists_sim"]
-        if not eff["aes"] or (psnr_rule is None and dists_sim is None):
-            return None
-        metric, ref_feats = None, None
-        if dists_sim is not None:  # official: 1 - DISTS on (x + 1) / 2 unclamped, at the model resolution
-            metric = self._metric("dists").with_options(size=None, check_range=False)
-            ref_feats = metric.features(x_px * 0.5 + 0.5)  # the input never changes: encode it once
-
-        def stop_fn(x_new, index, ids, cond):
-            ref = x_px.index_select(0, ids)
-            halt = torch.zeros(len(ids), dtype=torch.bool, device=x_new.device)
-            if psnr_rule is not None:
-                kind, threshold = psnr_rule
-                halt |= psnr(x_new, ref, peak=_LEGACY_PSNR_PEAK if kind == "legacy" else 2.0) < threshold
-            if metric is not None:
-                sim = 1 - metric.distance(x_new.float() * 0.5 + 0.5, ref_features=select_features(ref_feats, ids))
-                halt |= sim < dists_sim
-            return halt
-
-        return stop_fn
-
-    def _classifier_path(self, net, x_px, y, space, classifier_hw, eff):
-        model = self.model
-        B = len(x_px)
-        inv_levels, den_levels = self.paths(eff)
-        top = len(inv_levels) - 1
-        cap = top if eff["max_inversion_steps"] is None else min(int(eff["max_inversion_steps"]), top)
-        ddim = DDIM(model.schedule)
-        inv = ddim.invert(self._inversion_eps(model), x_px, inv_levels, stop=cap, convention=eff["inversion_convention"],
-                          refine=eff["inversion_refine"], stop_fn=self._early_stop(x_px, eff))
-        stop = inv.stop_index
-        # the latent of inversion index i sits at denoising index i + offset; forback_skip 2 starts there,
-        # 3 (the code) one level noisier
-        offset = len(den_levels) - len(inv_levels)
-        start = (stop + offset + eff["forback_skip"] - 2).clamp(1, len(den_levels) - 1)
-        twin = eff["reference"] == "uncond"
-        reps = 2 if twin else 1
-        lat = inv.latents.repeat(reps, 1, 1, 1)
-        guided = torch.arange(reps * B, device=x_px.device) < B  # first copy guided, second = plain reconstruction
-        cond = {"y": y.repeat(reps), "guided": guided, "start": start.repeat(reps)}
-        eps_fn = self._clean_grad_eps(net, space, den_levels, classifier_hw, eff)
-        out = ddim.sample(eps_fn, lat, den_levels, start=start.repeat(reps), stop=0, cond=cond)
-        return {"synthesis": out[:B], "reference": out[B:] if twin else None, "latents": inv.latents, "stop_index": stop}
-
-    def _clean_grad_eps(self, net, space, den_levels, classifier_hw, eff):
-        """ClassifierGuidance whose classifier sees cutouts of the blended x0 (only on guided rows)."""
-        p, model = self.params, self.model
-        out_side = min(classifier_hw)
-        cutouts = self._cutouts if p["cutouts"] else None
-        autocast = p["dtype"] == "bf16"
-
-        def to_input(z):
-            return space.from_unit(z * 0.5 + 0.5)
-
-        def grad_fn(z, cond):
-            g = torch.zeros_like(z)
-            rows = cond["guided"].nonzero().flatten()
-            if rows.numel() == 0 or p["classifier_scale"] == 0:
-                return g
-            if cutouts is not None:
-                cutouts.out_size = out_side
-                step = cond["cutout_step"].index_select(0, rows)
-                augment = lambda v: cutouts(v, step)  # noqa: E731
-            else:
-                augment = lambda v: torch.nn.functional.interpolate(v, size=classifier_hw, mode="nearest")  # noqa: E731
-            with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=autocast):
-                g[rows] = log_prob_grad(net, to_input, augment)(z.index_select(0, rows), {"y": cond["y"].index_select(0, rows)}).to(g.dtype)
-            return g
-
-        guidance = ClassifierGuidance(model_eps(model, label_key=_UNCOND), model.schedule, grad_fn,
-                                      scale=p["classifier_scale"], target=eff["guidance_target"],
-                                      clip_x0=1.0 if p["clip_denoised"] else None)
-        levels = den_levels
-
-        def eps_fn(x, t, cond):
-            index = torch.searchsorted(levels.to(t.device), t.contiguous())  # path index of this step
-            return guidance(x, t, {**cond, "cutout_step": cond["start"] - index})
-
-        return eps_fn
-
-    # ------------------------------------------------------------------ LDM / DiT / CIFAR: masked CFG
-    def _cfg_path(self, net, images, x_px, y, space, eff):
-        model = self.model
-        inv_levels, den_levels = self.paths(eff)
-        ddim = DDIM(model.schedule)
-        z0 = space.codec.encode(x_px) if space.codec is not None else x_px
-        with torch.no_grad():
-            inv = ddim.invert(model_eps(model, label_key=_UNCOND), z0, inv_levels,
-                              convention=eff["inversion_convention"], refine=eff["inversion_refine"])
-        cond = {"y": y}
-        if eff["cam_cut"] is not None:
-            cam = GradCAM(net, eff["cam_layer"])(images, y, size=tuple(x_px.shape[-2:]))
-            cond["mask"] = cam_mask(cam, float(eff["cam_cut"]), tuple(z0.shape[-2:]))
-        start = inv.stop_index + len(den_levels) - len(inv_levels)  # the level the inversion ended at
-        with torch.no_grad():
-            z = ddim.sample(ClassifierFreeGuidance(model, eff["cfg_scale"]), inv.latents, den_levels, start=start,
-                            cond=cond)
-            x_syn = space.decode(z).float().clamp(-1, 1)
-        return {"synthesis": x_syn, "latents": inv.latents, "stop_index": inv.stop_index}
 
     # ------------------------------------------------------------------ similarities
     def _score_pixels(self, px: torch.Tensor) -> torch.Tensor:

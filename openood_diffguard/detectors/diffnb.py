@@ -36,7 +36,6 @@ the timesteps differ only by their per-sample start index on a shared DDIM grid 
 """
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from typing import Any, Mapping
@@ -50,8 +49,8 @@ from ..diffusion.noise import content_key, keyed_normal
 from ..features import classifier_outputs
 from ..guidance import ClassifierFreeGuidance
 from ..space import ImageSpace, resolve_normalization
-from .base import (BACKBONE_PARAMS, Detector, DiffusionBackbone, ParameterError, check_choice, check_classifier_output,
-                   check_images, check_range)
+from .base import (BACKBONE_PARAMS, Detector, DiffusionBackbone, Param, ParameterError, check_choice,
+                   check_classifier_output, check_images)
 
 #: the official code's hard-coded timestep set (runner/ood_detect.py:99, reference index 0 dropped).
 CODE_TIMESTEPS = (120, 240, 360)
@@ -98,36 +97,45 @@ def timestep_of(selector: Any) -> int | None:
 
 
 class DiffNB(DiffusionBackbone, Detector):
+    """DiffNB (Liu et al., https://arxiv.org/abs/2211.11255; code https://github.com/luping-liu/DiffOOD)."""
+
     name = "diffnb"
-    DEFAULTS: dict[str, Any] = {
-        "model_path": None,       # local diffusers UNet2DModel dir (train-diffusion output); never downloaded
-        "variant": "code",        # code | paper | hybrid: the defaults of the aspects below (module docstring)
-        "timesteps": None,        # null = the variant's: code [120, 240, 360], paper / hybrid [300]
-        "reference": None,        # null = the variant's: "noised" (code's t = 0 entry) | "clean" (the input)
-        "noise": None,            # null = the variant's: "per_sample" (content-keyed) | "shared" (R images for all)
-        "l2_normalize": None,     # null = the variant's: true (code) | false (paper: raw logits / features)
-        "repeats": 4,             # R noise draws
-        "cfg_scale": 3.0,         # omega (code: (1 + beta) eps_y - beta eps_null with beta = 2)
-        "stride": 20,             # DDIM stride (code: --sample_step 50 with T = 1000)
-        "grid": None,             # null = the variant's. code: t -> t - stride -> ... -> 0, the model told t - 1
-                                  # (15 steps for t = 300); exact: ... -> 0 -> clean, the model told t (16 steps)
-        "space": "logits",        # "logits" | "feature" (pooled penultimate, clipped)
-        "feature_clip": 0.3,      # clip threshold for space="feature" (paper Fig. 12); None = no clip
-        "normalization": "cifar10",  # OpenOOD normalization_type of the incoming batches
-        "diffusion_size": None,   # side of the diffusion model's input (None = model's sample_size)
-        "seed": 0,                # noise seed (both noise modes); a sample's noise never depends on its batch
-        "dtype": None,            # None | "bf16" | "fp16": UNet precision (scheduler maths stays fp32)
+    PARAMS = {
+        "model_path": Param(None, "local diffusers UNet2DModel dir (train-diffusion output); never downloaded",
+                            types=(str, os.PathLike)),
+        "variant": Param("code", "code | paper | hybrid: the defaults of the aspects below (module docstring)",
+                         choices=tuple(VARIANTS)),
+        "timesteps": Param(None, "null = the variant's: code [120, 240, 360], paper / hybrid [300]",
+                           types=(list, tuple, int)),
+        "reference": Param(None, "null = the variant's: noised (code's t = 0 entry) | clean (the input)",
+                           choices=("noised", "clean")),
+        "noise": Param(None, "null = the variant's: per_sample (content-keyed) | shared (R images for all)",
+                       choices=("per_sample", "shared")),
+        "l2_normalize": Param(None, "null = the variant's: true (code) | false (paper: raw logits / features)",
+                              types=(bool,)),
+        "repeats": Param(4, "R noise draws", low=1),
+        "cfg_scale": Param(3.0, "omega (code: (1 + beta) eps_y - beta eps_null with beta = 2)", low=0),
+        "stride": Param(20, "DDIM stride (code: --sample_step 50 with T = 1000)", low=1),
+        "grid": Param(None, "null = the variant's. code: t -> t - stride -> ... -> 0, the model told t - 1 (15 steps "
+                            "for t = 300); exact: ... -> 0 -> clean, the model told t (16 steps)",
+                      choices=("code", "exact")),
+        "space": Param("logits", "logits | feature (pooled penultimate, clipped)", choices=("logits", "feature")),
+        "feature_clip": Param(0.3, "clip threshold for space feature (paper Fig. 12); null = no clip",
+                              nullable=True, low=0, low_open=True),
+        "normalization": Param("cifar10", "OpenOOD normalization_type of the incoming batches"),
+        "diffusion_size": Param(None, "side of the diffusion model's input (null = the model's sample_size)",
+                                types=(int,), low=1),
+        "seed": Param(0, "noise seed (both noise modes); a sample's noise never depends on its batch",
+                      low=0, high=2 ** 63 - 1),
+        "dtype": Param(None, "null | bf16 | fp16: UNet precision (scheduler maths stays fp32)",
+                       choices=tuple(COMPUTE_DTYPES)),
         **BACKBONE_PARAMS,
-        "aggregate": "mean",      # per-t scores -> confidence: mean | max | one timestep (120 or "t120")
-        "max_model_batch": 1024,  # samples per DDIM pass (x2 inside CFG; halved automatically on out-of-memory);
-                                  # results do not depend on it
+        "aggregate": Param("mean", "per-t scores -> confidence: mean | max | one timestep (120 or t120)",
+                           types=(str, int), cheap=True),
+        "max_model_batch": Param(1024, "samples per DDIM pass (x2 inside CFG; halved automatically on "
+                                       "out-of-memory); results do not depend on it", low=1, cheap=True),
     }
-    cheap_params = ("aggregate", "max_model_batch")  # neither changes the statistics
     heavy_attributes = ("model",)
-    PARAM_TYPES = {**DiffusionBackbone.PARAM_TYPES, "timesteps": (list, tuple, int), "feature_clip": (float, int),
-                   "diffusion_size": (int,), "model_path": (str, os.PathLike), "dtype": (str,),
-                   "normalization": (str,), "reference": (str,), "noise": (str,), "l2_normalize": (bool,),
-                   "grid": (str,), "aggregate": (str, int)}
 
     def settings(self) -> dict[str, Any]:
         """The aspects the variant decides, resolved: an explicit parameter wins over the variant's value."""
@@ -139,22 +147,6 @@ class DiffNB(DiffusionBackbone, Detector):
 
     def validate_params(self) -> None:
         p, me = self.params, type(self).__name__
-        check_choice(me, "variant", p["variant"], VARIANTS)
-        for name, choices in (("reference", ("noised", "clean")), ("noise", ("per_sample", "shared")),
-                              ("grid", ("code", "exact")), ("space", ("logits", "feature"))):
-            if p[name] is not None:
-                check_choice(me, name, p[name], choices)
-        check_choice(me, "dtype", p["dtype"], COMPUTE_DTYPES)
-        check_range(me, "stride", p["stride"], 1)
-        check_range(me, "repeats", p["repeats"], 1)
-        check_range(me, "max_model_batch", p["max_model_batch"], 1)
-        check_range(me, "diffusion_size", p["diffusion_size"], 1)
-        check_range(me, "seed", p["seed"], 0, 2 ** 63 - 1)
-        for name, low, low_open in (("cfg_scale", 0, False), ("feature_clip", 0, True)):
-            v = p[name]
-            if v is not None and not math.isfinite(v):
-                raise ParameterError(f"{me}: parameter {name!r} must be finite, got {v!r}")
-            check_range(me, name, v, low, low_open=low_open)
         ts = p["timesteps"]
         if ts is not None:
             items = [ts] if isinstance(ts, numbers.Integral) else list(ts)
@@ -173,7 +165,6 @@ class DiffNB(DiffusionBackbone, Detector):
         elif t_sel not in resolved:
             raise ParameterError(f"{me}: parameter 'aggregate' selects t = {t_sel}, which is not among the "
                                  f"timesteps {resolved}")
-        self._check_backbone_params()
 
     # ------------------------------------------------------------------ models
     def setup(self, net, id_loaders=None, ood_loaders=None) -> None:

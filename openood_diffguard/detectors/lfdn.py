@@ -49,7 +49,7 @@ from ..diffusion.noise import content_key, keyed_normal
 from ..features import DEFAULT_LAYERS, layer_normalize, pooled_features
 from ..guidance import model_eps
 from ..space import ImageSpace
-from .base import Detector, ParameterError, check_choice, check_images, check_range
+from .base import Detector, Param, ParameterError, check_images, check_range
 
 SCORES = ("mse", "mfsim", "lr")
 
@@ -70,37 +70,41 @@ def _derived_seed(*parts: Any) -> int:
 
 
 class LFDN(Detector):
+    """LFDN / DLSR (NeurIPS 2024, https://arxiv.org/abs/2411.10701; code https://github.com/xbyym/DLSR)."""
+
     name = "lfdn"
-    DEFAULTS: dict[str, Any] = {
-        "variant": "code",         # code | paper | ours (see the module docstring)
-        "checkpoint": None,        # LFDN checkpoint (train-lfdn); None = train in setup() from the ID train loader
-        "layers": list(DEFAULT_LAYERS["resnet18"]),  # 1-based feature-list indices; ResNet50: [1, 2, 3]
-        "timesteps": [3],          # start timestep(s), 0-based indices of the T = 100 schedule (code: 3)
-        "eta": None,               # stochastic DDIM term; None = the variant's (code / paper 1, ours 0)
-        "seed": 0,                 # noise seed
-        "noise": "shared",         # shared: one noise draw used by every sample; per_sample: a draw per sample keyed
-                                   # by its 8-bit image content (as the code's independent draws); both batch-free
-        "dtype": None,             # None | "bf16" | "fp16": autocast the LFDN network (GPU); scheduler maths stays fp32
-        "score": "mfsim",          # mse | mfsim | lr
-        "mfsim_layer1": None,      # include layer 1 in MFsim; None = the variant's (code / ours skip it)
-        "lr_sign": None,           # +1: higher LR = ID, -1: higher LR = OOD; None = the variant's (code -1)
-        "normalization": "cifar10",  # OpenOOD normalization_type of the incoming images (input range check)
-        "train": {},               # options for on-the-fly training (training.lfdn.TRAIN_DEFAULTS / CODE_TRAIN)
-        "cache_dir": "~/.cache/openood_diffguard/lfdn",  # where on-the-fly checkpoints are cached
+    PARAMS = {
+        "variant": Param("code", "code | paper | ours (see the module docstring)", choices=tuple(VARIANTS)),
+        "checkpoint": Param(None, "LFDN checkpoint (train-lfdn); null = train in setup() from the ID train loader",
+                            types=(str, os.PathLike)),
+        "layers": Param(list(DEFAULT_LAYERS["resnet18"]), "1-based feature-list indices; ResNet50: [1, 2, 3]"),
+        "timesteps": Param([3], "start timestep(s), 0-based indices of the T = 100 schedule (code: 3)",
+                           types=(list, tuple, int)),
+        "eta": Param(None, "stochastic DDIM term; null = the variant's (code / paper 1, ours 0)", types=(float, int),
+                     low=0),
+        "seed": Param(0, "noise seed", low=0),
+        "noise": Param("shared", "shared: one noise draw used by every sample; per_sample: a draw per sample keyed "
+                                 "by its 8-bit image content (as the code's independent draws); both batch-free",
+                       choices=("shared", "per_sample")),
+        "dtype": Param(None, "null | bf16 | fp16: autocast the LFDN network (GPU); scheduler maths stays fp32",
+                       choices=tuple(COMPUTE_DTYPES)),
+        "score": Param("mfsim", "mse | mfsim | lr", choices=tuple(SCORES), cheap=True),
+        "mfsim_layer1": Param(None, "include layer 1 in MFsim; null = the variant's (code / ours skip it)",
+                              types=(bool,), cheap=True),
+        "lr_sign": Param(None, "+1: higher LR = ID, -1: higher LR = OOD; null = the variant's (code -1)",
+                         types=(float, int), choices=(1, -1), cheap=True),
+        "normalization": Param("cifar10", "OpenOOD normalization_type of the incoming images (input range check)",
+                               nullable=True),
+        "train": Param({}, "options for on-the-fly training (training.lfdn.TRAIN_DEFAULTS / CODE_TRAIN)"),
+        "cache_dir": Param("~/.cache/openood_diffguard/lfdn", "where on-the-fly checkpoints are cached",
+                           types=(str, os.PathLike)),
     }
-    cheap_params = ("score", "mfsim_layer1", "lr_sign")
     heavy_attributes = ("final", "first", "standardizer")
-    PARAM_TYPES = {"timesteps": (list, tuple, int), "checkpoint": (str, os.PathLike), "dtype": (str,),
-                   "cache_dir": (str, os.PathLike), "eta": (float, int), "mfsim_layer1": (bool,),
-                   "lr_sign": (float, int), "normalization": (str, type(None))}
     #: parameters whose change makes the loaded LFDN stale
     _model_identity = ("checkpoint", "layers", "variant", "train", "cache_dir")
 
     def validate_params(self) -> None:
         p = self.params
-        check_choice(self, "variant", p["variant"], VARIANTS)
-        check_choice(self, "score", p["score"], SCORES)
-        check_choice(self, "noise", p["noise"], ("shared", "per_sample"))
         if isinstance(p["timesteps"], int):
             p["timesteps"] = [p["timesteps"]]
         ts = p["timesteps"]
@@ -113,11 +117,6 @@ class LFDN(Detector):
         if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in layers) \
                 or len(set(layers)) != len(layers):
             raise ParameterError(f"LFDN: parameter 'layers' must be distinct 1-based feature-list indices, got {layers!r}")
-        check_range(self, "eta", p["eta"], 0)
-        check_range(self, "seed", p["seed"], 0)
-        if p["lr_sign"] is not None:
-            check_choice(self, "lr_sign", p["lr_sign"], (1, -1))
-        check_choice(self, "dtype", p["dtype"], COMPUTE_DTYPES)
         from ..training.lfdn import check_train_options
 
         check_train_options(p["train"], owner="LFDN: parameter 'train'")

@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .schedule import NoiseSchedule, _bcast
+from .schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 #: ``stop_fn(x_new, index, active_ids, cond) -> bool[len(active_ids)]``: True stops that sample at ``index``.
@@ -188,4 +188,4 @@ def noise_to_level(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor | 
     return schedule.add_noise(x0.float(), noise.float(), t).to(x0.dtype)
 
 
-__all__ = ["DDIM", "InversionResult", "EpsFn", "StopFn", "noise_to_level", "_bcast"]
+__all__ = ["DDIM", "InversionResult", "EpsFn", "StopFn", "noise_to_level"]

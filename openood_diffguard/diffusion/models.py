@@ -317,6 +317,3 @@ def load_ldm(path: str | Path, **adapter_kwargs) -> CrossAttnUNetAdapter:
     return CrossAttnUNetAdapter(unet.eval(), class_embedding, NoiseSchedule.from_pretrained(root),
                                 codec=LatentCodec(vq.eval()), **adapter_kwargs)
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

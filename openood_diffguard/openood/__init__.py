@@ -32,6 +32,7 @@ def require_openood() -> Any:
 
 _LAZY = {
     "DetectorPostprocessor": "postprocessors", "DiffGuardPostprocessor": "postprocessors",
+    "DiffGuardGDMPostprocessor": "postprocessors", "DiffGuardCFGPostprocessor": "postprocessors",
     "DiffNBPostprocessor": "postprocessors", "LFDNPostprocessor": "postprocessors",
     "FusionPostprocessor": "postprocessors", "register": "registration", "build_postprocessor": "registration",
     "postprocessor_config": "registration", "register_benchmark": "benchmarks",

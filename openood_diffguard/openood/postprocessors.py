@@ -164,7 +164,15 @@ class DetectorPostprocessor(BasePostprocessor):
 
 
 class DiffGuardPostprocessor(DetectorPostprocessor):
-    detector_name = "diffguard"
+    detector_name = "diffguard"  # DiffGuardGDM or DiffGuardCFG, by postprocessor_args.guidance
+
+
+class DiffGuardGDMPostprocessor(DiffGuardPostprocessor):
+    detector_name = "diffguard_gdm"
+
+
+class DiffGuardCFGPostprocessor(DiffGuardPostprocessor):
+    detector_name = "diffguard_cfg"
 
 
 class DiffNBPostprocessor(DetectorPostprocessor):

@@ -30,6 +30,8 @@ _MARK = "openood_diffguard_patched"
 #: Each is the preset whose arguments are closest to the detector's own DEFAULTS.
 ALIASES: dict[str, str] = {
     "diffguard": "diffguard_gdm_imagenet",
+    "diffguard_gdm": "diffguard_gdm_imagenet",
+    "diffguard_cfg": "diffguard_ldm_imagenet",
     "diffnb": "diffnb_cifar10",
     "lfdn": "lfdn_cifar10",
     "diffguard_fusion": "fusion_diffguard_ebo_cifar10",

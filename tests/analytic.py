@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .models import FunctionAdapter
-from .schedule import NoiseSchedule, _bcast
+from openood_diffguard.diffusion.models import FunctionAdapter
+from openood_diffguard.diffusion.schedule import NoiseSchedule, _bcast
 
 
 class GaussianMixtureModel(FunctionAdapter):
