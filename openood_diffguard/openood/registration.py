@@ -15,9 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from . import require_openood
+from .sections import is_fusion_section, read_postprocessor_section
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "postprocessors"
 #: packaged training configs (``configs/pipelines/*.yml``), usable by stem after ``--config`` in the launcher
@@ -49,14 +48,6 @@ def packaged_train_configs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(PACKAGE_TRAIN_CONFIGS.glob("*.yml"))}
 
 
-def read_postprocessor_section(path: str | Path) -> dict:
-    """The ``postprocessor`` section of a yml (a clear error if the file has none)."""
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(cfg.get("postprocessor"), dict):
-        raise ValueError(f"{path}: no 'postprocessor' section (OpenOOD postprocessor yml expected)")
-    return cfg["postprocessor"]
-
-
 def postprocessor_config(name: str, config_root: str | Path | None = None) -> Path:
     """yml of one of our names: ``<config_root>/postprocessors/<name>.yml`` if present, else the packaged one."""
     if config_root is not None:
@@ -82,7 +73,7 @@ def class_for(pp: dict) -> Any:
     if name in POSTPROCESSORS:
         return load(POSTPROCESSORS[name])
     if "detector" in args:
-        return load(POSTPROCESSORS["fusion" if "baseline" in args else "detector"])
+        return load(POSTPROCESSORS["fusion" if is_fusion_section(pp) else "detector"])
     if name in DETECTORS:
         return load(POSTPROCESSORS["detector"])
     return None
