@@ -142,3 +142,19 @@ def test_real_openood_missing_evaluator_table_fails_before_patching(monkeypatch)
     assert all(_bindings()[k] is before[k] for k in before)
     monkeypatch.undo()
     registration.register(device=None)
+
+
+@pytest.mark.openood
+def test_register_benchmark_inside_a_registered_block_is_undone(tmp_path):
+    import openood.evaluation_api.datasets as ds
+    import openood.evaluation_api.evaluator as ev_mod
+    from openood_diffguard.openood import register_benchmark, registered
+    from openood_diffguard.space import NORMALIZATION
+
+    data_setup = ev_mod.data_setup
+    lists = {"id": {s: f"{s}.txt" for s in ("train", "val", "test")}, "ood_val": "v.txt", "near": {"a": "a.txt"},
+             "far": {"b": "b.txt"}}
+    with registered(device=None):
+        register_benchmark("undo_me", num_classes=2, normalization="cifar10", data_dir="img", **lists)
+        assert "undo_me" in ds.DATA_INFO and "undo_me" in NORMALIZATION and ev_mod.data_setup is not data_setup
+    assert "undo_me" not in ds.DATA_INFO and "undo_me" not in NORMALIZATION and ev_mod.data_setup is data_setup
