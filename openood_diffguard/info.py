@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 from pathlib import Path
 
 
@@ -49,7 +48,9 @@ def collect() -> dict[str, str]:
     info["torch hub dir"] = torch.hub.get_dir()
     for k, ok in piq_weights().items():
         info[k] = "present" if ok else "missing"
-    info["cache dir"] = os.environ.get("OPENOOD_DIFFGUARD_CACHE", str(Path.home() / ".cache" / "openood_diffguard"))
+    from .cache import default_cache_root
+
+    info["cache dir"] = str(default_cache_root())
     return info
 
 

@@ -169,21 +169,37 @@ def load_config(paths: Sequence[str], openood_args: Sequence[str], overrides: di
             sys.argv = saved
 
 
-def _run_pipeline(config) -> None:
-    from .openood import register
+#: the bindings the launcher's documented pipelines call (test_ood, test_ood_aps; train_oe runs the NCIS trainer)
+MAIN_BINDINGS = ("openood.pipelines.test_ood_pipeline.get_postprocessor",
+                 "openood.pipelines.test_ood_pipeline_aps.get_postprocessor",
+                 "openood.pipelines.train_oe_pipeline.get_trainer")
 
-    register(evaluator=False, device=None)  # again: mp.spawn children import fresh modules
+
+def register_checked() -> list[str]:
+    """``register()`` for the pipeline, failing loudly (naming the OpenOOD attribute) if it missed a binding
+    the launcher relies on: an OpenOOD that moved its factories would otherwise run with OpenOOD's own."""
+    from .openood.registration import register, require_bound
+
+    patched = register(evaluator=False, device=None)
+    require_bound(patched, MAIN_BINDINGS)
+    return patched
+
+
+def _run_pipeline(config) -> None:
+    register_checked()  # again: mp.spawn children import fresh modules
     from openood.pipelines import get_pipeline
 
-    get_pipeline(config).run()
+    from .openood.registration import require_pipeline_bound
+
+    pipeline = get_pipeline(config)
+    require_pipeline_bound(pipeline)
+    pipeline.run()
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args, rest = build_parser(prog).parse_known_args(list(sys.argv[1:] if argv is None else argv))
     overrides, openood_args = split_overrides(rest)
-    from .openood import register
-
-    register(evaluator=False, device=None)  # first: without OpenOOD nothing else matters (the error names the install)
+    register_checked()  # first: without OpenOOD nothing else matters (the error names the install)
     from openood.utils import launch
 
     from .devices import openood_device, resolve_device

@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from ..openood.sections import aps_flag, detector_name, read_postprocessor_section, sweep_items
 from .baselines import BASELINE_ARGS
 from .rules import RULES
 from .score_fusion import ScoreFusion
@@ -96,9 +95,9 @@ def resolve_detector_args(postprocessor_args: Mapping[str, Any], root: str | Pat
     path = Path(root or preset_dir()) / f"{preset}.yml"
     if not path.is_file():
         raise FileNotFoundError(f"detector_preset {preset!r} not found: expected {path}")
-    pp = (yaml.safe_load(path.read_text()) or {}).get("postprocessor") or {}
-    args = dict(pp.get("postprocessor_args") or {})
-    owner = args.pop("detector", None) or pp.get("name")
+    pp = read_postprocessor_section(path)
+    owner = detector_name(pp)
+    args = {k: v for k, v in (pp.get("postprocessor_args") or {}).items() if k != "detector"}
     detector = postprocessor_args.get("detector")
     if detector and owner != detector:
         raise ValueError(f"detector_preset {preset!r} configures {owner!r}, not detector {detector!r}")
@@ -124,21 +123,16 @@ def parse_fusion_config(cfg: Mapping[str, Any], where: str = "fusion config") ->
     if args["rule"] not in RULES:
         raise ValueError(f"{where}: rule {args['rule']!r} unknown; choose from {sorted(RULES)}")
     rule_params = set(RULES[args["rule"]].DEFAULTS)
-    sweep, detector_sweep = {}, {}
-    for key, values in (pp.get("postprocessor_sweep") or {}).items():
-        param = key[:-5] if key.endswith("_list") else key
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"{where}: postprocessor_sweep.{key} must be a non-empty list")
+    sweep, detector_sweep, keys = {}, {}, {}
+    raw_sweep = dict(pp.get("postprocessor_sweep") or {})
+    for key, param, values in sweep_items(raw_sweep, where):
         # not a rule parameter: a cheap detector parameter, checked by the postprocessor against the detector
         (sweep if param in rule_params else detector_sweep)[param] = values
+        keys[param] = key
     if "budget" in sweep:
-        raise ValueError(f"{where}: postprocessor_sweep.budget_list: the budget is a compute limit, not a "
+        raise ValueError(f"{where}: postprocessor_sweep.{keys['budget']}: the budget is a compute limit, not a "
                          f"hyper-parameter (APS would pick the largest); set rule_args.budget and sweep alpha_out")
-    from ..openood.sections import parse_bool
-
-    aps = parse_bool(pp.get("APS_mode", False), f"{where}: APS_mode")
-    if aps and not sweep:
-        raise ValueError(f"{where}: APS_mode true with an empty postprocessor_sweep (OpenOOD would recurse forever)")
+    aps = aps_flag(pp, raw_sweep, where)
     out = FusionConfig(detector=args["detector"], baseline=args["baseline"], rule=args["rule"],
                        detector_preset=args.get("detector_preset"),
                        detector_args=dict(args.get("detector_args") or {}),
@@ -153,7 +147,7 @@ def parse_fusion_config(cfg: Mapping[str, Any], where: str = "fusion config") ->
             except (TypeError, ValueError) as err:
                 if "alpha_out + alpha_in" in str(err):
                     continue  # the cascade's sweep skips combinations with alpha_out + alpha_in > 1
-                raise ValueError(f"{where}: postprocessor_sweep.{param}_list value {value!r}: {err}") from None
+                raise ValueError(f"{where}: postprocessor_sweep.{keys[param]} value {value!r}: {err}") from None
     return out
 
 
@@ -164,4 +158,4 @@ def load_fusion_preset(name_or_path: str | Path) -> FusionConfig:
         path = preset_dir() / f"{path.name}.yml"
     if not path.is_file():
         raise FileNotFoundError(f"fusion preset not found: {path}")
-    return parse_fusion_config(yaml.safe_load(path.read_text()) or {}, where=str(path))
+    return parse_fusion_config(read_postprocessor_section(path), where=str(path))

@@ -35,7 +35,8 @@ _LAZY = {
     "DiffGuardGDMPostprocessor": "postprocessors", "DiffGuardCFGPostprocessor": "postprocessors",
     "DiffNBPostprocessor": "postprocessors", "LFDNPostprocessor": "postprocessors",
     "FusionPostprocessor": "postprocessors", "register": "registration", "build_postprocessor": "registration",
-    "postprocessor_config": "registration", "register_benchmark": "benchmarks",
+    "postprocessor_config": "registration", "register_benchmark": "benchmarks", "registered": "registration",
+    "unregister": "registration", "OpenOODBindingError": "registration",
 }
 
 __all__ = ["INSTALL_HINT", "INSTALL_STEPS", "OPENOOD_COMMIT", "require_openood", *_LAZY]

@@ -73,10 +73,8 @@ def register_benchmark(name: str, *, num_classes: int, normalization: str | Sequ
     Returns the ``DATA_INFO`` entry. Registering the same name again replaces it.
     """
     require_openood()
-    import openood.evaluation_api.datasets as ds
-    import openood.evaluation_api.preprocessor as pre
-
     from ..space import NORMALIZATION
+    from .registration import _set_item, _target, _unwrap
 
     if not isinstance(name, str) or not name or name in BUILTIN:
         raise ValueError(f"register_benchmark: name must be a new name, not one of OpenOOD's {BUILTIN}, got {name!r}")
@@ -98,13 +96,17 @@ def register_benchmark(name: str, *, num_classes: int, normalization: str | Sequ
         "ood": {"val": _entry(data_dir, ood_val, "ood_val"), "near": _group(data_dir, near, "near", True),
                 "far": _group(data_dir, far, "far", True)},
     }
-    ds.DATA_INFO[name] = info
-    ds.benchmarks_dict[name] = []  # nothing to download
-    pre.default_preprocessing_dict[name] = {"pre_size": pre_size or image_size, "img_size": image_size,
-                                            "normalization": [mean, std]}
-    NORMALIZATION[name.lower()] = (tuple(mean), tuple(std))  # our detectors resolve it by the dataset name
+    tables = [_target("openood.evaluation_api.datasets", "DATA_INFO", dict),
+              _target("openood.evaluation_api.datasets", "benchmarks_dict", dict),
+              _target("openood.evaluation_api.preprocessor", "default_preprocessing_dict", dict)]
+    original = _unwrap(_target("openood.evaluation_api.evaluator", "data_setup", object))
+    # logged like register()'s patches: registration.unregister() / registered() undo them too
+    for table, value in zip(tables, (info, [], {"pre_size": pre_size or image_size, "img_size": image_size,
+                                                "normalization": [mean, std]})):  # [] = nothing to download
+        _set_item(table, name, value)
+    _set_item(NORMALIZATION, name.lower(), (tuple(mean), tuple(std)))  # our detectors resolve it by dataset name
     _REGISTERED[name] = info
-    _patch_data_setup()
+    _patch_data_setup(original)
     return info
 
 
@@ -130,16 +132,15 @@ def check_benchmark_files(name: str, data_root: str) -> None:
                                 "(registered benchmarks are never downloaded)")
 
 
-def _patch_data_setup() -> None:
+def _patch_data_setup(original: Any) -> None:
     """The Evaluator's ``data_setup`` (download what is missing) -> a file check for registered names."""
     import openood.evaluation_api.evaluator as ev
 
-    original = getattr(ev.data_setup, "openood_original", ev.data_setup)
+    from .registration import _marked, _set
 
     def data_setup(data_root, id_data_name):
         if id_data_name in _REGISTERED:
             return check_benchmark_files(id_data_name, data_root)
         return original(data_root, id_data_name)
 
-    data_setup.openood_original = original
-    ev.data_setup = data_setup
+    _set(ev, "data_setup", _marked(data_setup, original))

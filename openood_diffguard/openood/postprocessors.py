@@ -245,7 +245,8 @@ class FusionPostprocessor(BasePostprocessor):
 
         key = json.dumps([module_fingerprint(net), loader_source(loader), len(getattr(loader, "dataset", []))])
         root = Path(self.diffusion.cache_dir) if self.diffusion.cache_dir else default_cache_root()
-        return root / "knn_features" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+        # the classifier's raw features (before KNN's normalizer); "knn_features/" held normalised ones
+        return root / "knn_train_features" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
 
     def _setup_baseline(self, net: torch.nn.Module, id_loader_dict: Any, ood_loader_dict: Any) -> None:
         if self.baseline_name == "vim":
@@ -255,21 +256,15 @@ class FusionPostprocessor(BasePostprocessor):
         if self.baseline_name == "knn" and self.diffusion.use_disk_cache:
             # KNN's setup re-extracts every ID train feature: keep them on disk per (net, train set)
             path = self._knn_cache_file(net, id_loader_dict["train"])
-            if path.is_file():
-                self._restore_knn(np.load(path, allow_pickle=False))
+            if path.is_file():  # OpenOOD's own setup builds its index from them (_FeatureReplay)
+                replay = _FeatureReplay(np.load(path, allow_pickle=False))
+                self.baseline.setup(replay, {"train": replay.loader()}, ood_loader_dict)
                 return
-            self.baseline.setup(net, id_loader_dict, ood_loader_dict)
-            atomic_write(path, lambda f: np.save(f, self.baseline.activation_log))  # all or nothing, per writer
+            recorder = _FeatureRecorder(net)
+            self.baseline.setup(recorder, id_loader_dict, ood_loader_dict)
+            atomic_write(path, lambda f: np.save(f, recorder.features()))  # all or nothing, per writer
             return
         self.baseline.setup(net, id_loader_dict, ood_loader_dict)
-
-    def _restore_knn(self, features: np.ndarray) -> None:
-        import faiss
-
-        self.baseline.activation_log = np.ascontiguousarray(features, dtype=np.float32)
-        self.baseline.index = faiss.IndexFlatL2(features.shape[1])
-        self.baseline.index.add(self.baseline.activation_log)
-        self.baseline.setup_flag = True
 
     def setup(self, net: torch.nn.Module, id_loader_dict: Any, ood_loader_dict: Any) -> None:
         net.eval()
@@ -360,13 +355,60 @@ class FusionPostprocessor(BasePostprocessor):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["baseline"] = copy.copy(self.baseline)
-        if self.baseline_name == "knn":  # faiss indexes do not pickle: rebuilt from the stored features
-            state["baseline"].__dict__.pop("index", None)
+        index = getattr(self.baseline, "index", None) if self.baseline_name == "knn" else None
+        if index is not None:  # faiss indexes do not pickle: faiss's own byte form travels instead
+            import faiss
+
+            state["baseline"].index = faiss.serialize_index(index)
         state["_fit_for"] = None  # setup() refits after unpickling (from cached rows)
         state.pop("_calibration_data", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.baseline_name == "knn" and getattr(self.baseline, "activation_log", None) is not None:
-            self._restore_knn(self.baseline.activation_log)
+        if isinstance(getattr(self.baseline, "index", None), np.ndarray):
+            import faiss
+
+            self.baseline.index = faiss.deserialize_index(self.baseline.index)
+        elif self.baseline_name == "knn" and not hasattr(self.baseline, "index"):
+            self.baseline.setup_flag = False  # pickled by an older version without its index: setup() rebuilds it
+
+
+class _FeatureRecorder:
+    """The classifier as OpenOOD's KNN setup sees it (``eval()``, ``net(x, return_feature=True)``), keeping a
+    copy of each batch's features exactly as KNN receives them, before its normaliser."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net, self._batches = net, []
+
+    def eval(self) -> "_FeatureRecorder":
+        self.net.eval()
+        return self
+
+    def __call__(self, data: torch.Tensor, return_feature: bool = False):
+        out = self.net(data, return_feature=return_feature)
+        if return_feature:
+            self._batches.append(out[1].detach().cpu().numpy())
+        return out
+
+    def features(self) -> np.ndarray:
+        return np.concatenate(self._batches)
+
+
+class _FeatureReplay:
+    """Stands in for the classifier in OpenOOD's KNN setup: batch ``i`` of :meth:`loader` returns the ``i``-th
+    block of recorded features, so OpenOOD normalises them and builds its index itself (its normaliser works
+    row by row: the blocks need not match the original batches)."""
+
+    def __init__(self, features: np.ndarray, block: int = 4096) -> None:
+        self.blocks = np.array_split(features, range(block, len(features), block))
+
+    def loader(self) -> list[dict]:
+        return [{"data": torch.tensor([float(i)])} for i in range(len(self.blocks))]
+
+    def eval(self) -> "_FeatureReplay":
+        return self
+
+    def __call__(self, data: torch.Tensor, return_feature: bool = False):
+        feature = torch.from_numpy(self.blocks[int(data[0])])
+        return torch.zeros(len(feature), 1), feature

@@ -3,7 +3,10 @@ preset checks and anything that wants a yml's detector without importing OpenOOD
 
 A section is the ``postprocessor`` mapping of an OpenOOD yml: ``name``, ``APS_mode``,
 ``postprocessor_args``, ``postprocessor_sweep``. Detector sections pass their args to the detector, minus
-the wrapper's own keys ``WRAPPER_KEYS``; fusion sections follow ``fusion.presets``.
+the wrapper's own keys ``WRAPPER_KEYS``; fusion sections follow ``fusion.presets``. This module is the one
+reader of those sections: the yml file (:func:`read_postprocessor_section`), the sweep keys
+(:func:`sweep_param`, :func:`sweep_items`), the APS switch (:func:`aps_flag`) and the detector name
+(:func:`detector_name`); detectors check their own parameters' types and ranges.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 WRAPPER_KEYS = ("detector", "cache_dir", "cache", "gallery")
+#: OpenOOD's spelling of a sweep key: ``<param>_list`` (its own ymls: ``temperature_list``, ``K_list``)
+LIST_SUFFIX = "_list"
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -49,27 +54,63 @@ def dataset_normalization(dataset: Mapping[str, Any]) -> str | None:
     return dataset.get("normalization_type") or dataset.get("name")
 
 
+def read_postprocessor_section(path: str | Path) -> dict:
+    """The ``postprocessor`` section of a yml (a clear error if the file has none)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("postprocessor"), Mapping):
+        raise ValueError(f"{path}: no 'postprocessor' section (OpenOOD postprocessor yml expected)")
+    return dict(cfg["postprocessor"])
+
+
+def sweep_param(key: str) -> str:
+    """The parameter a ``postprocessor_sweep`` key sweeps: ``<param>_list`` -> ``<param>``; a bare ``<param>`` is
+    accepted too. The rule does not depend on which parameters exist, so the fusion preset reader (which does
+    not know its detector's parameters) and the postprocessors read every key the same way."""
+    return key[:-len(LIST_SUFFIX)] if key.endswith(LIST_SUFFIX) and len(key) > len(LIST_SUFFIX) else key
+
+
+def sweep_items(sweep: Mapping[str, Any], owner: str) -> list[tuple[str, str, list]]:
+    """``(yml key, parameter, candidates)`` per sweep entry, in key order (= ``set_hyperparam`` order). Each
+    entry must be a non-empty list, and no parameter may be swept by two keys (errors name the yml key)."""
+    items, seen = [], {}
+    for key, values in sweep.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"{owner}: postprocessor_sweep.{key} must be a non-empty list, got {values!r}")
+        param = sweep_param(key)
+        if param in seen:
+            raise ValueError(f"{owner}: postprocessor_sweep keys {seen[param]!r} and {key!r} both sweep {param!r}")
+        seen[param] = key
+        items.append((key, param, list(values)))
+    return items
+
+
 def sweep_parameters(sweep: Mapping[str, Any], allowed: Mapping[str, Any], owner: str) -> list[str]:
-    """Parameter names of the sweep keys (``<param>_list`` or ``<param>``), in key order."""
+    """Parameter names of the sweep keys, in key order; a key naming no parameter of ``allowed`` is a KeyError."""
     names = []
-    for key in sweep:
-        name = key[:-5] if key.endswith("_list") and key[:-5] in allowed else key
+    for key, name, _ in sweep_items(sweep, owner):
         if name not in allowed:
             raise KeyError(f"{owner}: postprocessor_sweep key {key!r} names no parameter; sweepable: "
-                           f"{sorted(f'{p}_list' for p in allowed)}")
+                           f"{sorted(f'{p}{LIST_SUFFIX}' for p in allowed)}")
         names.append(name)
     return names
 
 
 def aps_flag(pp: Mapping[str, Any], sweep: Mapping[str, Any], owner: str) -> bool:
+    """``postprocessor.APS_mode``, parsed strictly; APS with an empty ``sweep`` is an error."""
     aps = parse_bool(pp.get("APS_mode", False), f"{owner}: postprocessor.APS_mode")
     if aps and not sweep:
         # OpenOOD's Evaluator recurses forever on an empty grid: refuse early, with the fix
-        raise ValueError(f"{owner}: APS_mode is True but postprocessor_sweep is empty; add <param>_list "
-                         "entries or set APS_mode: False")
-    if aps and any(not isinstance(v, (list, tuple)) or not v for v in sweep.values()):
-        raise ValueError(f"{owner}: every postprocessor_sweep entry must be a non-empty list, got {sweep}")
+        raise ValueError(f"{owner}: APS_mode is true with an empty postprocessor_sweep (OpenOOD's Evaluator would "
+                         "recurse forever); add <param>_list entries or set APS_mode: false")
     return aps
+
+
+def detector_name(pp: Mapping[str, Any], default: str | None = None) -> str | None:
+    """The detector a section configures: ``postprocessor_args.detector``, else ``default`` (a postprocessor
+    class's own), else ``postprocessor.name``."""
+    return (pp.get("postprocessor_args") or {}).get("detector") or default or pp.get("name")
 
 
 def split_wrapper_args(pp: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -95,7 +136,7 @@ def detector_from_section(pp: Mapping[str, Any], dataset: Mapping[str, Any] | No
     from ..registry import detector_class
 
     wrapper, args = split_wrapper_args(pp)
-    cls = detector_class(wrapper.get("detector") or default_name or pp.get("name"))
+    cls = detector_class(detector_name(pp, default_name))
     if "cache_dir" in cls.DEFAULTS:  # null: under $OPENOOD_DIFFGUARD_CACHE (else ~/.cache/openood_diffguard)
         from ..cache import default_cache_root
 
