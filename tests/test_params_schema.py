@@ -114,3 +114,24 @@ def test_param_rules_accept_valid_values_and_derive_cheap():
     d = _Schema(scale=3, mode="b", cut=False)
     assert d.params["cut"] is False and _Schema(cut=None).params["cut"] is None and _Schema(cut=-0.5)
     assert _Schema.cheap_params == ("sign",) and _Schema.DEFAULTS == {"scale": 1.0, "mode": "a", "cut": None, "sign": 1.0}
+
+
+def test_older_style_declaration_keeps_its_checks_and_accepts_undeclared_types():
+    class Legacy(Detector):
+        name = "legacy_toy"
+        DEFAULTS = {"sign": 1.0, "normalization": None, "steps": 10}
+        PARAM_TYPES = {"steps": (int,)}
+        cheap_params = ("sign",)
+
+        def statistics(self, net, images, labels=None):
+            return {}
+
+        def confidence(self, stats):
+            return stats
+
+    assert Legacy(normalization="cifar10").params["normalization"] == "cifar10"  # None default, no declared type
+    with pytest.raises(ParameterError, match="'steps' must be an integer"):
+        Legacy(steps="3")
+    with pytest.raises(ParameterError, match="'sign' must be a number"):
+        Legacy(sign="x")
+    assert Legacy.cheap_params == ("sign",)

@@ -44,7 +44,9 @@ class Param:
         kinds = self.types or _type_of_default(self.default)
         if kinds is None and self.choices:
             kinds = tuple(dict.fromkeys(type(c) for c in self.choices if c is not None))
-        kinds = tuple(kinds or ())
+        if not kinds:
+            return ()  # nothing to derive the type from (an older-style declaration): any value
+        kinds = tuple(kinds)
         if self.off and bool not in kinds:
             kinds += (bool,)
         if self.default is None or self.nullable:
