@@ -214,7 +214,8 @@ def test_knn_fusion_caches_train_features_and_pickles(bench):
     clone = pickle.loads(pickle.dumps(ev.postprocessor))  # the faiss index travels in faiss's byte form
     _, conf, _ = clone.baseline.inference(net, loaders["id"]["test"], progress=False)
     np.testing.assert_array_equal(conf, first_conf)
-    np.testing.assert_array_equal(clone.baseline.activation_log, ev.postprocessor.baseline.activation_log)
+    assert clone.baseline.activation_log is None  # not pickled: the index holds the same vectors
+    assert clone.baseline.index.ntotal == ev.postprocessor.baseline.index.ntotal == len(ev.postprocessor.baseline.activation_log)
 
 
 @pytest.mark.slow

@@ -360,6 +360,8 @@ class FusionPostprocessor(BasePostprocessor):
             import faiss
 
             state["baseline"].index = faiss.serialize_index(index)
+            # OpenOOD's KNN reads only the index after setup; its activation_log is the same vectors again
+            state["baseline"].activation_log = None
         state["_fit_for"] = None  # setup() refits after unpickling (from cached rows)
         state.pop("_calibration_data", None)
         return state
