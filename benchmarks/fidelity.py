@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from _speed import hardware  # noqa: E402
 
-from openood_diffguard.cache import ScoreCache, cached_statistics, module_fingerprint, namespace  # noqa: E402
+from openood_diffguard.runtime.cache import ScoreCache, cached_statistics, module_fingerprint, namespace  # noqa: E402
 from openood_diffguard.metrics import OODMetrics, format_table, ood_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import openood_diffguard  # noqa: F401  (torchvision repair before anything imports it)
-from openood_diffguard.cache import ScoreCache, cached_statistics, module_fingerprint, namespace
+from openood_diffguard.runtime.cache import ScoreCache, cached_statistics, module_fingerprint, namespace
 from _speed import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def probe_classifier_reload(tmp: Path) -> Row:
         return row
     from openood.utils import Config
 
-    from openood_diffguard import registry
+    from openood_diffguard.runtime import registry
     from openood_diffguard.openood.postprocessors import DetectorPostprocessor
     from openood_diffguard.detectors.diffnb import DiffNB
 
@@ -483,7 +483,7 @@ KILLED_WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
     import torch, openood_diffguard
-    from openood_diffguard import cache as C
+    from openood_diffguard.runtime import cache as C
     from reliability import ToyStats, toy_batches
     real = C.np.savez
     def hanging(f, **arrays):  # the 3rd chunk hangs half-written: the kill lands inside the write
@@ -502,7 +502,7 @@ SHARING = textwrap.dedent("""
     sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
     from pathlib import Path
     import numpy as np, torch, openood_diffguard
-    from openood_diffguard.cache import ScoreCache, cached_statistics
+    from openood_diffguard.runtime.cache import ScoreCache, cached_statistics
     from reliability import ToyStats, toy_batches
     print("ready", flush=True)
     while not Path({go!r}).exists():

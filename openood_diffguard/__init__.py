@@ -4,10 +4,11 @@ Flow of every detector, mirrored by the sub-packages:
 image (classifier-normalised) -> ``space`` (un-normalise, resize) -> ``diffusion`` (invert, synthesise)
 -> ``guidance`` (classifier / classifier-free, Grad-CAM masks) -> ``similarity`` (compare)
 -> ``detectors`` (score) -> ``fusion`` / ``openood`` (combine, plug into OpenOOD).
+Apart from the flow: ``runtime`` (cache, sharding, batching, devices, registry) and ``cli`` (entry points).
 
 Importing the package is cheap (no torch): sub-packages import what they need.
 """
-from ._compat import install_import_hook
+from .runtime.compat import install_import_hook
 
 install_import_hook()  # repairs a CPU-torch / CUDA-torchvision mismatch when torchvision is first imported
 

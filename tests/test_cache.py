@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ood_toys import ToyDetector, batches, tiny_net
-from openood_diffguard.cache import (ScoreCache, cached_statistics, module_fingerprint, namespace, sample_keys)
+from openood_diffguard.runtime.cache import (ScoreCache, cached_statistics, module_fingerprint, namespace, sample_keys)
 
 HERE = Path(__file__).parent
 
@@ -71,7 +71,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     import openood_diffguard
     from ood_toys import ToyDetector, batches, tiny_net
-    from openood_diffguard.cache import ScoreCache, cached_statistics
+    from openood_diffguard.runtime.cache import ScoreCache, cached_statistics
     det = ToyDetector(delay=0.15)
     cache = ScoreCache({root!r}, "ns")
     class Loud(list):
@@ -124,7 +124,7 @@ MID_WRITE_KILL = textwrap.dedent("""
     import sys, time, numpy as np
     sys.path.insert(0, {here!r})
     import openood_diffguard
-    from openood_diffguard import cache as C
+    from openood_diffguard.runtime import cache as C
     from ood_toys import ToyDetector, batches, tiny_net
     real, calls = C.np.savez, []
     def slow_savez(f, **arrays):  # the 4th chunk hangs half-written: the kill lands inside the write
@@ -168,7 +168,7 @@ def _die(claim):
 
 
 def test_clean_removes_only_abandoned_files(tmp_path):
-    from openood_diffguard.cache import _HOST
+    from openood_diffguard.runtime.cache import _HOST
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -203,7 +203,7 @@ SHARER = textwrap.dedent("""
     import openood_diffguard
     from pathlib import Path
     from ood_toys import ToyDetector, batches, tiny_net
-    from openood_diffguard.cache import ScoreCache, cached_statistics
+    from openood_diffguard.runtime.cache import ScoreCache, cached_statistics
     go = Path({go!r})
     print("ready", flush=True)
     while not go.exists():  # start both processes together

@@ -28,7 +28,7 @@ def test_help_of_every_command_imports_no_torch():
     code = f"""
 import sys
 from openood_diffguard.cli import COMMANDS, build_parser
-from openood_diffguard.main import build_parser as eval_parser
+from openood_diffguard.openood.main import build_parser as eval_parser
 for name in {list(COMMANDS)!r}:
     build_parser(only=name).format_help()
 eval_parser().format_help()
@@ -128,7 +128,7 @@ def test_traceback_on_request(monkeypatch):
 
 
 def test_overrides_take_yaml_values_and_new_keys():
-    from openood_diffguard.main import split_overrides
+    from openood_diffguard.openood.main import split_overrides
 
     ours, rest = split_overrides([
         "--network.checkpoint", "c.ckpt", "--postprocessor.postprocessor_args.model_path", "models/x",

@@ -64,7 +64,7 @@ class LabelEcho(Toy):
 
 
 def test_label_needing_detectors_get_labels_from_both_loader_paths(tmp_path):
-    from openood_diffguard.cache import ScoreCache, cached_statistics
+    from openood_diffguard.runtime.cache import ScoreCache, cached_statistics
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
     x = torch.randn(4, 3, 2, 2)

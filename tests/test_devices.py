@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from openood_diffguard.devices import (device_argument, openood_device, release_openood_device, resolve_device,
+from openood_diffguard.runtime.devices import (device_argument, openood_device, release_openood_device, resolve_device,
                                        use_openood_device)
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from diffguard_toys import _mixture, schedule  # noqa: F401 (fixture)
-from openood_diffguard import registry
+from openood_diffguard.runtime import registry
 from openood_diffguard.detectors.base import ParameterError
 from openood_diffguard.detectors.diffguard import GUIDANCE, VARIANTS, DiffGuard, path_class
 from openood_diffguard.detectors.diffguard_cfg import DiffGuardCFG

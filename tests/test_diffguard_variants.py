@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from diffguard_toys import IMAGENET, TinyNet, _images, _mixture, schedule, tiny_ldm, tiny_unet  # noqa: F401 (fixtures)
-from openood_diffguard.cache import ScoreCache, cached_statistics
+from openood_diffguard.runtime.cache import ScoreCache, cached_statistics
 from openood_diffguard.detectors.base import ParameterError
 from openood_diffguard.detectors.diffguard import VARIANTS, DiffGuard, content_labels, official_grid
 from openood_diffguard.detectors.diffguard_gdm import DiffGuardGDM

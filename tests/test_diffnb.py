@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from digits_net import single_thread  # noqa: F401 (autouse: one CPU thread)
-from openood_diffguard.cache import ScoreCache, cached_statistics
+from openood_diffguard.runtime.cache import ScoreCache, cached_statistics
 from openood_diffguard.detectors.base import ParameterError
 from openood_diffguard.detectors.diffnb import VARIANTS, DiffNB
 from analytic import GaussianMixtureModel
@@ -423,7 +423,7 @@ def test_out_of_memory_halves_the_pass_and_keeps_the_result(linear_schedule):
 
 
 def test_map_chunks_edges():
-    from openood_diffguard.batching import map_chunks
+    from openood_diffguard.runtime.batching import map_chunks
 
     assert map_chunks(lambda i, j: (i, j), 5, 2) == [(0, 2), (2, 4), (4, 5)]
     assert map_chunks(lambda i, j: (i, j), 0, 3) == []

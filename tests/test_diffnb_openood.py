@@ -79,7 +79,7 @@ def test_evaluator_per_timestep_rows_reuse_the_cache(bench, no_download):
 @pytest.mark.slow
 def test_main_py_per_timestep_row_from_the_command_line(bench, monkeypatch):
     """main.py casts a CLI override to the yml value's type (a string): ``aggregate t40`` selects t = 40."""
-    from openood_diffguard.main import main
+    from openood_diffguard.openood.main import main
 
     monkeypatch.chdir(bench)
     yml = bench / "configs" / "postprocessors" / "diffnb_cifar10.yml"

@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ood_toys import ToyDetector, batches, tiny_net  # noqa: E402
-from openood_diffguard.cache import ScoreCache, cached_statistics, sample_keys  # noqa: E402
-from openood_diffguard.distributed import owned  # noqa: E402
+from openood_diffguard.runtime.cache import ScoreCache, cached_statistics, sample_keys  # noqa: E402
+from openood_diffguard.runtime.distributed import owned  # noqa: E402
 
 
 def _worker(rank, world, init_file, cache_root, out_dir):

@@ -56,7 +56,7 @@ def test_subset_cache_keys_follow_the_image_not_its_position():
     subset, so a run with another n read cached statistics of other images)."""
     from fidelity import _test_loader
 
-    from openood_diffguard.cache import loader_source, sample_keys
+    from openood_diffguard.runtime.cache import loader_source, sample_keys
     from openood_diffguard.space import ImageSpace
 
     space = ImageSpace.for_dataset("cifar10")

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.openood
 
 from openood_bench import build_bench, cpu_shim, load_net  # noqa: E402,F401
 from ood_toys import ToyDetector  # noqa: E402
-from openood_diffguard import registry  # noqa: E402
+from openood_diffguard.runtime import registry  # noqa: E402
 
 BUDGET_YML = """postprocessor:
   name: diffguard_fusion

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from digits_net import TinyConvNet, digits_split, trained_digits_net, single_thread  # noqa: F401 (autouse)
-from openood_diffguard.cache import ScoreCache, cached_statistics, module_fingerprint
+from openood_diffguard.runtime.cache import ScoreCache, cached_statistics, module_fingerprint
 from openood_diffguard.detectors.base import ParameterError
 from openood_diffguard.detectors.lfdn import LFDN, VARIANTS
 from openood_diffguard.features import FeatureStandardizer, layer_normalize, pooled_features

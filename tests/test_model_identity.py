@@ -11,7 +11,7 @@ import torch
 
 from digits_net import single_thread  # noqa: F401 (autouse: one CPU thread)
 from ood_toys import ToyDetector, batches, tiny_net
-from openood_diffguard.cache import ScoreCache, cached_statistics, loader_source, module_fingerprint, namespace
+from openood_diffguard.runtime.cache import ScoreCache, cached_statistics, loader_source, module_fingerprint, namespace
 from openood_diffguard.detectors.diffguard import DiffGuard
 from openood_diffguard.detectors.diffnb import DiffNB
 from openood_diffguard.diffusion import NoiseSchedule, UNetAdapter
@@ -135,7 +135,7 @@ def test_postprocessor_keys_on_classifier_content_and_honours_cache_false(tmp_pa
     pytest.importorskip("openood")
     from openood.utils import Config
 
-    from openood_diffguard import registry
+    from openood_diffguard.runtime import registry
     from openood_diffguard.openood.postprocessors import DetectorPostprocessor
 
     monkeypatch.setattr(registry, "DETECTORS", {**registry.DETECTORS, "toy": ToyDetector})
@@ -211,7 +211,7 @@ def test_baseline_feature_cache_without_content_identity_stays_in_memory(tmp_pat
 
 _IDENTITY_SCRIPT = """
 import torch
-from openood_diffguard.cache import loader_source, module_fingerprint
+from openood_diffguard.runtime.cache import loader_source, module_fingerprint
 
 class Transform:  # default repr: carries a memory address that differs per process
     pass

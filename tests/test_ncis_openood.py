@@ -37,7 +37,7 @@ def test_trainer_registered_in_every_binding_and_openood_names_delegate():
 
 
 def test_ncis_training_through_the_launcher(tmp_path, monkeypatch):
-    from openood_diffguard.main import main
+    from openood_diffguard.openood.main import main
     from openood_diffguard.ncis.openood_trainer import NCISTrainer
 
     bench = build_bench(tmp_path / "bench")

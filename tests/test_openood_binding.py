@@ -92,7 +92,7 @@ def test_launcher_refuses_an_openood_whose_pipelines_bind_elsewhere(monkeypatch,
     """main.py checks register()'s list: pipelines that do not bind the factory (an OpenOOD that moved it) would
     run OpenOOD's own factory, which knows none of our names."""
     _fake_openood(monkeypatch, pipelines=False)
-    from openood_diffguard.main import register_checked
+    from openood_diffguard.openood.main import register_checked
 
     with pytest.raises(clean_log.OpenOODBindingError, match="test_ood_pipeline.get_postprocessor.*was not patched"):
         register_checked()

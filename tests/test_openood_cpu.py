@@ -1,4 +1,4 @@
-"""OpenOOD on a machine without CUDA, through the product alone (no test shim): ``python -m openood_diffguard.main``
+"""OpenOOD on a machine without CUDA, through the product alone (no test shim): ``python -m openood_diffguard.openood.main``
 with a built-in (MSP) and one of ours (LFDN, sized from the command line), the Evaluator after ``register()``,
 and a custom image-list benchmark through the Evaluator, offline. The tiny benchmark: ``openood_bench.build_bench``.
 """
@@ -45,7 +45,7 @@ def test_cuda_calls_fail_here_without_the_launcher():
 
 
 def test_main_py_builtin_postprocessor_on_cpu(bench, monkeypatch, console):
-    from openood_diffguard.main import main
+    from openood_diffguard.openood.main import main
 
     cuda_before = torch.Tensor.cuda
     monkeypatch.chdir(bench)
@@ -66,7 +66,7 @@ def test_python_m_main_runs_our_preset_on_cpu_with_cli_overrides(bench, tmp_path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     for _ in range(2):  # the rerun into the same output directory must not stop to ask (merge_option)
-        res = subprocess.run([sys.executable, "-m", "openood_diffguard.main", *argv], cwd=bench, env=env,
+        res = subprocess.run([sys.executable, "-m", "openood_diffguard.openood.main", *argv], cwd=bench, env=env,
                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     out = next(p for p in (bench / "results").rglob("ood.csv") if "cpu_lfdn" in str(p))
@@ -77,7 +77,7 @@ def test_python_m_main_runs_our_preset_on_cpu_with_cli_overrides(bench, tmp_path
 def test_evaluator_on_cpu_after_register(bench, no_download):
     from openood.evaluation_api import Evaluator
 
-    from openood_diffguard.devices import release_openood_device
+    from openood_diffguard.runtime.devices import release_openood_device
     from openood_diffguard.openood import register
 
     register()  # device="auto": no CUDA, so OpenOOD's .cuda() calls go to the CPU from now on
@@ -126,7 +126,7 @@ def test_custom_image_list_benchmark_through_the_evaluator_offline(tmp_path, no_
     from openood.evaluation_api import Evaluator
     from openood.networks import ResNet18_32x32
 
-    from openood_diffguard.devices import release_openood_device
+    from openood_diffguard.runtime.devices import release_openood_device
     from openood_diffguard.metrics import benchmark_table
     from openood_diffguard.openood import register, register_benchmark
     from openood_diffguard.space import resolve_normalization

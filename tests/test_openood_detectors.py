@@ -151,7 +151,7 @@ def test_evaluator_by_stem_equals_standalone(bench, stem, no_download):
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", STEMS)
 def test_main_py_pipeline_equals_standalone(bench, stem, monkeypatch):
-    from openood_diffguard.main import main
+    from openood_diffguard.openood.main import main
 
     monkeypatch.chdir(bench)
     fusion = stem.startswith("fusion_")

@@ -16,7 +16,7 @@ import pytest
 from openood_bench import (build_bench, check_evaluator_rows as _check_evaluator_rows, check_main_py_csv,  # noqa: F401
                           cpu_shim, load_net as _net, main_py_argv)
 from ood_toys import ToyDetector
-from openood_diffguard import registry
+from openood_diffguard.runtime import registry
 
 pytestmark = pytest.mark.openood
 
@@ -109,7 +109,7 @@ def test_packaged_yml_is_found_without_download(bench, monkeypatch, no_download)
     assert postprocessor_config("toy", bench / "configs") == bench / "configs" / "postprocessors" / "toy.yml"
     import openood.evaluation_api.postprocessor as E
 
-    from openood_diffguard.registry import POSTPROCESSORS
+    from openood_diffguard.runtime.registry import POSTPROCESSORS
 
     monkeypatch.setitem(POSTPROCESSORS, "diffguard", "openood_diffguard.openood.postprocessors:DetectorPostprocessor")
     monkeypatch.setitem(registry.DETECTORS, "diffguard", ToyDetector)  # stand-in: the real one lives elsewhere
@@ -185,7 +185,7 @@ FUSION_YML = """postprocessor:
 def test_main_py_pipeline_through_launcher(bench, monkeypatch, pp_name):
     if pp_name == "fusion":
         (bench / "configs" / "postprocessors" / "fusion.yml").write_text(FUSION_YML.format(cache=bench / "cache"))
-    from openood_diffguard.main import main
+    from openood_diffguard.openood.main import main
 
     monkeypatch.chdir(bench)
     assert main(main_py_argv(bench, bench / "configs" / "postprocessors" / f"{pp_name}.yml")) == 0
@@ -232,14 +232,14 @@ def test_torchrun_two_ranks_main_py(bench, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)]),
            "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "-m", "openood_diffguard.main", *argv], cwd=bench, env=env, capture_output=True, text=True,
+                          "-m", "openood_diffguard.openood.main", *argv], cwd=bench, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     out = next(p for p in (bench / "results").rglob("ood.csv") if "_torchrun/" in str(p))
     rows = list(csv.DictReader(out.open()))
     assert [r["dataset"] for r in rows] == ["cifar100", "tin", "nearood", "mnist", "svhn", "texture", "place365",
                                             "farood"]  # written once (rank 0 only)
-    from openood_diffguard.cache import ScoreCache
+    from openood_diffguard.runtime.cache import ScoreCache
 
     ns = next((tmp_path / "cache").iterdir())
     files = list(ns.glob("chunk-*.npz"))

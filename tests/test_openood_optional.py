@@ -14,8 +14,8 @@ def no_openood(monkeypatch):
 
 
 def test_package_imports_and_features_name_the_install_command(no_openood):
-    import openood_diffguard.cache  # noqa: F401
-    import openood_diffguard.main  # noqa: F401
+    import openood_diffguard.runtime.cache  # noqa: F401
+    import openood_diffguard.openood.main  # noqa: F401
     import openood_diffguard.metrics  # noqa: F401
     import openood_diffguard.openood as oo
 
@@ -25,7 +25,7 @@ def test_package_imports_and_features_name_the_install_command(no_openood):
     with pytest.raises(ImportError, match="OpenOOD is not installed"):
         oo.register()
     with pytest.raises(ImportError, match="Jingkang50/OpenOOD"):
-        from openood_diffguard.main import main
+        from openood_diffguard.openood.main import main
 
         main(["--config", "x.yml"])
     with pytest.raises(AttributeError):
@@ -37,7 +37,7 @@ def test_every_packaged_name_maps_to_our_postprocessor_class():
     Both must land on the same registered class (checked end to end with OpenOOD in test_packaged_configs)."""
     from openood_diffguard.openood.registration import (ALIASES, PACKAGE_CONFIGS, packaged_configs,
                                                         read_postprocessor_section)
-    from openood_diffguard.registry import POSTPROCESSORS
+    from openood_diffguard.runtime.registry import POSTPROCESSORS
 
     stems = {p.stem for p in PACKAGE_CONFIGS.glob("*.yml")}
     assert set(packaged_configs()) == stems | set(ALIASES) and set(ALIASES.values()) <= stems
@@ -49,7 +49,7 @@ def test_every_packaged_name_maps_to_our_postprocessor_class():
 
 def test_launcher_resolves_preset_names_and_cli_has_eval(tmp_path):
     from openood_diffguard.cli import build_parser
-    from openood_diffguard.main import resolve_config_args
+    from openood_diffguard.openood.main import resolve_config_args
     from openood_diffguard.openood.registration import PACKAGE_CONFIGS
 
     own = tmp_path / "a.yml"

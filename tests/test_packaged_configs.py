@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from openood_diffguard import registry
+from openood_diffguard.runtime import registry
 from openood_diffguard.fusion.score_fusion import ScoreFusion
 from openood_diffguard.openood.registration import ALIASES, PACKAGE_CONFIGS, packaged_configs, read_postprocessor_section
 from openood_diffguard.openood.sections import (detector_from_section, fusion_detector_section, is_fusion_section,

@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from openood_diffguard import registry
+from openood_diffguard.runtime import registry
 from openood_diffguard.detectors.base import Detector
 from openood_diffguard.detectors.params import Param, ParameterError
 from openood_diffguard.openood.registration import PACKAGE_CONFIGS, read_postprocessor_section

@@ -1,7 +1,7 @@
 import pytest
 
 from ood_toys import ToyDetector
-from openood_diffguard import registry
+from openood_diffguard.runtime import registry
 
 
 def test_lazy_table_and_toy_registration(monkeypatch):

@@ -83,7 +83,7 @@ class PictureToy(ToyDetector):
 
 
 def _scored(det, net, loader):
-    from openood_diffguard.cache import cached_statistics
+    from openood_diffguard.runtime.cache import cached_statistics
 
     out = cached_statistics(det, net, loader, progress=False)
     conf = det.confidence({k: torch.as_tensor(v) for k, v in out.stats.items()}).numpy()
@@ -97,7 +97,7 @@ def test_collect_pictures_roles_image_cache_and_roundtrip(tmp_path):
     keys = G.loader_keys(loader)
     cache = G.image_cache_for(det, net, tmp_path / "cache", 64)
     src = keys[0].split("::")[0]
-    from openood_diffguard.cache import sample_keys
+    from openood_diffguard.runtime.cache import sample_keys
 
     kw = dict(keys=keys, stats=out.stats, conf=conf, labels=out.labels, method="toy", split="id_test", role="id",
               k=3, image_size=64, image_cache=cache, key_of=lambda b: sample_keys(b, src))
@@ -150,7 +150,7 @@ def test_collect_uses_a_detectors_own_pictures(tmp_path):
 def test_fetch_inputs_indexing_and_loader_pass_agree():
     from torch.utils.data import DataLoader
 
-    from openood_diffguard.cache import loader_source, sample_keys
+    from openood_diffguard.runtime.cache import loader_source, sample_keys
     from openood_diffguard.data import DigitsOpenSet
 
     ds = DigitsOpenSet(size=8).dataset("id", "test")

@@ -37,7 +37,7 @@ def _main_py(root, pp, mark, results="results"):
     ``root/results``; returns its output directory."""
     from openood.utils import logger
 
-    from openood_diffguard.main import main
+    from openood_diffguard.openood.main import main
 
     yml = root / "configs" / "postprocessors" / f"diffguard_{mark}.yml"
     yml.write_text(yaml.safe_dump({"postprocessor": pp}, sort_keys=False))

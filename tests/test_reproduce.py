@@ -14,7 +14,7 @@ import yaml
 from openood_diffguard.fusion.presets import parse_fusion_config
 from openood_diffguard.metrics import ood_metrics
 from openood_diffguard.openood.registration import packaged_configs
-from openood_diffguard.registry import build_detector
+from openood_diffguard.runtime.registry import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 REPRO = ROOT / "benchmarks" / "reproduce"
@@ -26,13 +26,13 @@ def commands() -> list[list[str]]:
     text = (REPRO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [ln.strip() for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
-    cmds = [shlex.split(ln.replace("$REPRO", str(REPRO))) for ln in lines if ln.startswith("python -m openood_diffguard.main")]
+    cmds = [shlex.split(ln.replace("$REPRO", str(REPRO))) for ln in lines if ln.startswith("python -m openood_diffguard.openood.main")]
     return cmds
 
 
 def split_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """(--config entries, {key: value} overrides) of a main.py command line, as OpenOOD reads it."""
-    assert argv[:3] == ["python", "-m", "openood_diffguard.main"] and argv[3] == "--config", argv[:4]
+    assert argv[:3] == ["python", "-m", "openood_diffguard.openood.main"] and argv[3] == "--config", argv[:4]
     configs, i = [], 4
     while i < len(argv) and not argv[i].startswith("--"):
         configs.append(argv[i])
@@ -79,7 +79,7 @@ def test_readme_has_every_row():
     text = (REPRO / "README.md").read_text()
     parts = re.split(r"(```bash\n.*?```)", text, flags=re.S)
     for prose, block in zip(parts[::2], parts[1::2]):  # every run command has expected numbers right above it
-        if "openood_diffguard.main" in block:
+        if "openood_diffguard.openood.main" in block:
             assert "expected" in prose and re.search(r"\d+\.\d+ / \d+\.\d+", prose), prose
 
 
@@ -135,7 +135,7 @@ def test_command_through_openood_setup_config(argv, monkeypatch):
         pytest.skip(f"no OpenOOD configs/ next to {openood.__file__}")
     from openood.utils import setup_config
 
-    from openood_diffguard.main import resolve_config_args
+    from openood_diffguard.openood.main import resolve_config_args
     from openood_diffguard.openood import register
     from openood_diffguard.openood.registration import build_postprocessor
 

@@ -5,7 +5,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from ..devices import add_device_argument
+from ..runtime.devices import add_device_argument
 
 #: what the demo imports beyond the core dependencies (the ``demo`` extra)
 DEMO_MODULES = {"matplotlib": "matplotlib", "pytorch_ood": "pytorch-ood"}
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     check_demo_dependencies()
-    from ..cache import default_cache_root
-    from ..devices import resolve_device
+    from ..runtime.cache import default_cache_root
+    from ..runtime.devices import resolve_device
     from .run import LEGEND, OUTPUTS, PRESETS, run_demo
 
     device = resolve_device(args.device)  # an unavailable device fails before anything is written

@@ -196,7 +196,7 @@ class DiffusionBackbone:
     def _weights_fingerprint(self) -> str:
         """Content hash of the diffusion model's weights, computed once per loaded (or passed-in) model: the
         cache key follows the weights, not the path (retraining into the same folder gives a new key)."""
-        from ..cache import module_fingerprint
+        from ..runtime.cache import module_fingerprint
 
         memo = getattr(self, "_fingerprint_memo", None)
         if memo is None or memo[0] is not self.model:

@@ -42,7 +42,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..batching import map_chunks
+from ..runtime.batching import map_chunks
 from ..diffusion import DDIM, load_unet, noise_to_level
 from ..diffusion.models import COMPUTE_DTYPES
 from ..diffusion.noise import content_key, keyed_normal

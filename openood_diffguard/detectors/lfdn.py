@@ -146,7 +146,7 @@ class LFDN(Detector):
         self._check_classifier(net)
 
     def _fit_or_load_cached(self, net, id_loaders) -> None:
-        from ..cache import module_fingerprint
+        from ..runtime.cache import module_fingerprint
         from ..training.lfdn import FORMAT, fit_lfdn, loader_identity, save_checkpoint, train_config
 
         if not id_loaders or "train" not in id_loaders:
@@ -199,7 +199,7 @@ class LFDN(Detector):
         if (self.feature_norm == "standardize") != (standardizer is not None):
             raise ValueError(f"variant {self.params['variant']!r} ({self.feature_norm} features) "
                              f"{'needs' if self.feature_norm == 'standardize' else 'takes no'} standardizer")
-        from ..cache import module_fingerprint
+        from ..runtime.cache import module_fingerprint
 
         self.final, self.first, self.standardizer = final.eval(), None if first is None else first.eval(), standardizer
         self._schedule, self._widths = schedule or lfdn_schedule(), [int(w) for w in widths]
@@ -219,7 +219,7 @@ class LFDN(Detector):
         checked = self.__dict__.setdefault("_checked_nets", {})
         if expected is None or checked.get(id(net)) is net:
             return
-        from ..cache import module_fingerprint
+        from ..runtime.cache import module_fingerprint
         from ..training.lfdn import LEGACY_HASH, legacy_classifier_hash
 
         legacy = expected.startswith(LEGACY_HASH)  # a checkpoint written before the one weights fingerprint
@@ -237,7 +237,7 @@ class LFDN(Detector):
             self._ensure_models()
         if self.final is None:
             return {"weights": None}
-        from ..cache import module_fingerprint
+        from ..runtime.cache import module_fingerprint
 
         models = (self.final, self.first, self.standardizer)
         memo = self.__dict__.get("_fingerprint_memo")

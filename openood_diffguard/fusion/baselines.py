@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import atomic_write, loader_source, module_fingerprint
+from ..runtime.cache import atomic_write, loader_source, module_fingerprint
 from ..features import classifier_outputs
 
 BASELINE_ARGS: dict[str, dict[str, Any]] = {

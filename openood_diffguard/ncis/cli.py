@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..devices import add_device_argument
+from ..runtime.devices import add_device_argument
 from .defaults import EMBED_DEFAULTS, FIT_DEFAULTS, GENERATE_DEFAULTS  # plain data: --help needs no torch
 
 _EMBED_HELP = {"steps": "Adam steps per image", "lr": "Adam learning rate of the embeddings",
@@ -33,7 +33,7 @@ _GENERATE_HELP = {"guidance_scale": "classifier-free guidance scale", "num_steps
 def _backend(args):
     from .backends import PixelUNetBackend, StableDiffusionBackend
 
-    from ..devices import resolve_device
+    from ..runtime.devices import resolve_device
 
     device = str(resolve_device(args.device))
     if args.backend == "pixel":
@@ -184,7 +184,7 @@ def run_generate(args) -> int:
 
 
 def run_train(args) -> int:
-    from ..main import main as launcher
+    from ..openood.main import main as launcher
 
     yml = args.work / "openood_oe.yml"
     if not yml.is_file():
@@ -251,7 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "device", None) is not None:
-        from ..devices import resolve_device
+        from ..runtime.devices import resolve_device
 
         resolve_device(args.device)  # an unavailable device fails before the work directory is touched
     args.work.mkdir(parents=True, exist_ok=True)

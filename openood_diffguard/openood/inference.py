@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..cache import ScoreCache, Scored, cached_statistics, module_fingerprint, namespace
+from ..runtime.cache import ScoreCache, Scored, cached_statistics, module_fingerprint, namespace
 
 
 def store_namespace(detector: Any, net: torch.nn.Module) -> str:

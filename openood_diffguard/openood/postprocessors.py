@@ -37,7 +37,7 @@ from openood.postprocessors import BasePostprocessor  # noqa: E402
 from openood.utils import Config  # noqa: E402
 
 from ..fusion.baselines import BASELINE_ARGS  # noqa: E402
-from ..cache import ScoreCache, atomic_write, default_cache_root, module_fingerprint  # noqa: E402
+from ..runtime.cache import ScoreCache, atomic_write, default_cache_root, module_fingerprint  # noqa: E402
 from . import inference as shared  # noqa: E402  (the OpenOOD-free scoring path the demo uses too)
 from .sections import (aps_flag, detector_from_section, fusion_detector_section, section,  # noqa: E402
                        split_wrapper_args, sweep_parameters)
@@ -241,7 +241,7 @@ class FusionPostprocessor(BasePostprocessor):
             self.baseline = openood_postprocessor("vim", self.baseline_args, self._baseline_dataset)
 
     def _knn_cache_file(self, net: torch.nn.Module, loader: Any) -> Path:
-        from ..cache import loader_source
+        from ..runtime.cache import loader_source
 
         key = json.dumps([module_fingerprint(net), loader_source(loader), len(getattr(loader, "dataset", []))])
         root = Path(self.diffusion.cache_dir) if self.diffusion.cache_dir else default_cache_root()

@@ -76,7 +76,7 @@ def class_for(pp: dict) -> Any:
     Looked up by ``pp['name']`` (what main.py does): a POSTPROCESSORS entry, else a registered detector, else
     any section whose args name a ``detector`` (a fusion when they also name a ``baseline``).
     """
-    from ..registry import DETECTORS, POSTPROCESSORS, load
+    from ..runtime.registry import DETECTORS, POSTPROCESSORS, load
 
     name, args = pp.get("name"), pp.get("postprocessor_args") or {}
     if name in POSTPROCESSORS:
@@ -89,7 +89,7 @@ def class_for(pp: dict) -> Any:
 
 
 def our_names() -> list[str]:
-    from ..registry import DETECTORS, POSTPROCESSORS
+    from ..runtime.registry import DETECTORS, POSTPROCESSORS
 
     return sorted(set(POSTPROCESSORS) | set(DETECTORS) | set(packaged_configs()))
 
@@ -241,7 +241,7 @@ def registered(evaluator: bool = True, device: Any = "auto"):
     keep = len(_LOG)
     with contextlib.ExitStack() as stack:
         if device is not None:
-            from ..devices import openood_device
+            from ..runtime.devices import openood_device
 
             require_openood()
             stack.enter_context(openood_device(device))
@@ -303,7 +303,7 @@ def register(evaluator: bool = True, device: Any = "auto") -> list[str]:
     for target in OPENOOD_TARGETS + (EVALUATOR_TARGETS if evaluator else ()):
         _target(*target)
     if device is not None:
-        from ..devices import use_openood_device
+        from ..runtime.devices import use_openood_device
 
         use_openood_device(device)
     original = _unwrap(_target(*OPENOOD_TARGETS[0]))

@@ -133,12 +133,12 @@ def detector_from_section(pp: Mapping[str, Any], dataset: Mapping[str, Any] | No
     also the detector's own when it has one (LFDN keeps its on-the-fly checkpoints there; null =
     ``<default cache root>/<detector name>``, which follows ``$OPENOOD_DIFFGUARD_CACHE``).
     """
-    from ..registry import detector_class
+    from ..runtime.registry import detector_class
 
     wrapper, args = split_wrapper_args(pp)
     cls = detector_class(detector_name(pp, default_name))
     if "cache_dir" in cls.DEFAULTS:  # null: under $OPENOOD_DIFFGUARD_CACHE (else ~/.cache/openood_diffguard)
-        from ..cache import default_cache_root
+        from ..runtime.cache import default_cache_root
 
         args.setdefault("cache_dir", wrapper.get("cache_dir") or str(default_cache_root() / cls.name))
     if "normalization" in cls.DEFAULTS and args.get("normalization") is None:

@@ -351,7 +351,7 @@ def image_cache_for(detector: Any, net: torch.nn.Module, root: str | Path | None
     """The per-sample picture cache of this detector (expensive parameters + weights) and classifier."""
     if root is None:
         return None
-    from ..cache import ScoreCache, module_fingerprint, namespace
+    from ..runtime.cache import ScoreCache, module_fingerprint, namespace
 
     ns = namespace(detector.cache_key(), module_fingerprint(net),
                    {"gallery": GALLERY_VERSION, "image_size": image_size})
@@ -378,7 +378,7 @@ def gallery_path(folder: str | Path, method: str, split: str) -> Path:
 def loader_keys(loader: Iterable) -> list[str]:
     """The score cache's sample keys of a loader, in loader order (``cache.sample_keys``): read from an
     OpenOOD image list without loading images when the loader is sequential, else one pass over it."""
-    from ..cache import loader_source, sample_keys
+    from ..runtime.cache import loader_source, sample_keys
 
     source = loader_source(loader)
     ds = getattr(loader, "dataset", None)
@@ -394,7 +394,7 @@ def save_gallery(detector: Any, net: torch.nn.Module, loader: Iterable, *, stats
                  cache_root: str | Path | None = None, k: int = DEFAULT_K, image_size: int | None = DEFAULT_IMAGE_SIZE,
                  keys: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> Path:
     """Collect the gallery of one scored split and write it to ``<folder>/<method>/<split>.npz``."""
-    from ..cache import loader_source, sample_keys
+    from ..runtime.cache import loader_source, sample_keys
 
     keys = loader_keys(loader) if keys is None else list(keys)
     if len(keys) != len(conf):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..devices import add_device_argument
+from ..runtime.devices import add_device_argument
 from .defaults import DIFFUSION_TRAIN
 
 _HELP = {
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device
+    from ..runtime.devices import resolve_device
     from .data import ImageFolderDataset, ImageListDataset
     from .defaults import CIFAR_UNET, TINY_UNET
     from .diffusion import train_diffusion

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import module_fingerprint
+from ..runtime.cache import module_fingerprint
 from ..features import FEATURE_NORMS, FeatureStandardizer, extract_features, layer_normalize
 from ..networks.lfdn import LFDN_SCHEDULE, LFDNet, lfdn_schedule
 
@@ -127,7 +127,7 @@ def loader_identity(loader: Iterable) -> str:
     image folder, transform; no image is read): ``main.py``'s augmented train loader and the Evaluator's plain
     one differ by their transforms. Any other loader by the content of its samples (order-free, so a shuffling
     loader keeps its key; a randomly augmenting one gets a new key per pass)."""
-    from ..cache import hash_tensor, loader_source
+    from ..runtime.cache import hash_tensor, loader_source
 
     if isinstance(getattr(getattr(loader, "dataset", None), "imglist", None), (list, tuple)):
         identity = loader_source(loader, content=True)

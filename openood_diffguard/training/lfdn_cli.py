@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..devices import add_device_argument
+from ..runtime.devices import add_device_argument
 from .defaults import LFDN_CODE_TRAIN, LFDN_TRAIN, OPENOOD_NETWORKS
 
 _INTS = ("width", "blocks", "epochs", "batch_size", "seed")
@@ -64,7 +64,7 @@ def _layers(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..devices import resolve_device
+    from ..runtime.devices import resolve_device
     from .data import ImageListDataset
     from ..detectors.lfdn import VARIANTS
     from .lfdn import _Normalised, build_classifier, fit_lfdn, save_checkpoint, train_config

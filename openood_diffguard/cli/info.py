@@ -48,7 +48,7 @@ def collect() -> dict[str, str]:
     info["torch hub dir"] = torch.hub.get_dir()
     for k, ok in piq_weights().items():
         info[k] = "present" if ok else "missing"
-    from .cache import default_cache_root
+    from ..runtime.cache import default_cache_root
 
     info["cache dir"] = str(default_cache_root())
     return info

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from . import __version__
+from .. import __version__
 
 DESCRIPTION = ("Diffusion-based out-of-distribution detectors (DiffGuard, DiffNB, LFDN) for OpenOOD v1.5: a CPU demo, "
                "evaluation inside OpenOOD, score fusion, checkpoint conversion and training.")
@@ -24,8 +24,8 @@ EPILOG = (f"Run 'openood-diffguard <command> --help' for a command's options. Er
 # with ``RAW_ARGV = True`` parses its own arguments instead (``eval`` passes OpenOOD's through).
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("openood_diffguard.demo.cli", "CPU demo on scikit-learn digits: every detector, OpenOOD-style table, plots"),
-    "info": ("openood_diffguard.info", "versions, device and which optional parts are available"),
-    "eval": ("openood_diffguard.main", "run OpenOOD's main.py pipeline with our postprocessors registered"),
+    "info": ("openood_diffguard.cli.info", "versions, device and which optional parts are available"),
+    "eval": ("openood_diffguard.openood.main", "run OpenOOD's main.py pipeline with our postprocessors registered"),
     "fuse": ("openood_diffguard.fusion.cli", "fuse cached per-sample score files (ours / OpenOOD's) and print metrics"),
     "convert": ("openood_diffguard.convert.cli", "convert original ADM / LDM cin256-v2 / DiffNB checkpoints to diffusers"),
     "train-diffusion": ("openood_diffguard.training.diffusion_cli", "train DiffNB's class-conditional pixel UNet"),
@@ -112,6 +112,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = importlib.import_module(args._module).run
     return guarded(f"openood-diffguard {args._command}", lambda: run(args))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Launcher: OpenOOD's ``main.py`` pipeline with our postprocessors registered.
 
-    python -m openood_diffguard.main --config configs/datasets/cifar10/cifar10.yml \\
+    python -m openood_diffguard.openood.main --config configs/datasets/cifar10/cifar10.yml \\
         configs/datasets/cifar10/cifar10_ood.yml configs/networks/resnet18_32x32.yml \\
         configs/pipelines/test/test_ood.yml configs/preprocessors/base_preprocessor.yml diffguard_cifar10 \\
         --network.checkpoint results/.../best.ckpt \\
@@ -34,11 +34,11 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .devices import add_device_argument
+from ..runtime.devices import add_device_argument
 
 #: ``cli`` hands this module its raw arguments: everything it does not know belongs to OpenOOD
 RAW_ARGV = True
-PROG = "python -m openood_diffguard.main"
+PROG = "python -m openood_diffguard.openood.main"
 OVERRIDE_PREFIX = "postprocessor."
 
 _EPILOG = """\
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from .cli import HelpFormatter
+    from ..cli import HelpFormatter
 
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, formatter_class=HelpFormatter,
                                      description="Run OpenOOD v1.5's main.py pipeline with openood-diffguard's "
@@ -76,7 +76,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def resolve_config_args(argv: Sequence[str]) -> list[str]:
     """Replace preset names after ``--config`` by the packaged yml paths (other entries unchanged)."""
-    from .openood.registration import packaged_configs, packaged_train_configs
+    from .registration import packaged_configs, packaged_train_configs
 
     known = {**packaged_train_configs(), **packaged_configs()}
     out, in_config = [], False
@@ -93,7 +93,7 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
 
 def config_files(entries: Sequence[str]) -> list[str]:
     """``--config`` entries -> existing yml paths; a missing one is an error naming it (and the presets)."""
-    from .openood.registration import packaged_configs, packaged_train_configs
+    from .registration import packaged_configs, packaged_train_configs
 
     paths = resolve_config_args(["--config", *entries])[1:]
     missing = [e for e, p in zip(entries, paths) if not os.path.isfile(p)]
@@ -178,7 +178,7 @@ MAIN_BINDINGS = ("openood.pipelines.test_ood_pipeline.get_postprocessor",
 def register_checked() -> list[str]:
     """``register()`` for the pipeline, failing loudly (naming the OpenOOD attribute) if it missed a binding
     the launcher relies on: an OpenOOD that moved its factories would otherwise run with OpenOOD's own."""
-    from .openood.registration import register, require_bound
+    from .registration import register, require_bound
 
     patched = register(evaluator=False, device=None)
     require_bound(patched, MAIN_BINDINGS)
@@ -189,7 +189,7 @@ def _run_pipeline(config) -> None:
     register_checked()  # again: mp.spawn children import fresh modules
     from openood.pipelines import get_pipeline
 
-    from .openood.registration import require_pipeline_bound
+    from .registration import require_pipeline_bound
 
     pipeline = get_pipeline(config)
     require_pipeline_bound(pipeline)
@@ -202,8 +202,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     register_checked()  # first: without OpenOOD nothing else matters (the error names the install)
     from openood.utils import launch
 
-    from .devices import openood_device, resolve_device
-    from .distributed import init_from_env
+    from ..runtime.devices import openood_device, resolve_device
+    from ..runtime.distributed import init_from_env
 
     paths = config_files(args.config)
     device = resolve_device(args.device)
@@ -226,6 +226,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import guarded
+    from ..cli import guarded
 
     sys.exit(guarded(PROG, main))
