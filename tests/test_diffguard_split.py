@@ -127,15 +127,15 @@ def test_openood_builds_the_path_postprocessors_by_name(name, stem, no_download)
     import openood.evaluation_api.postprocessor as E
     from openood.postprocessors import utils as U
     from openood.utils import Config
-    from openood_diffguard.openood import register
+    from openood_diffguard.openood import registered
 
-    register()
-    pp = yaml.safe_load((preset_dir() / f"diffguard_{stem}.yml").read_text())["postprocessor"]
-    args = {k: v for k, v in pp["postprocessor_args"].items() if k != "guidance"}
-    built = U.get_postprocessor(Config({"postprocessor": {**pp, "name": name, "postprocessor_args": args},
-                                        "dataset": {"name": "cifar10"}}))
-    assert type(built) is registry.load(registry.POSTPROCESSORS[name])
-    assert type(built.detector) is registry.detector_class(name)
-    assert built.detector.params == detector_from_section(pp, {"name": "cifar10"})[0].params
-    by_name = E.get_postprocessor("/nonexistent/config_root", name, "imagenet")
-    assert type(by_name.detector) is registry.detector_class(name)
+    with registered():  # undone on exit: later tests see OpenOOD as it was (and .cuda() unpatched)
+        pp = yaml.safe_load((preset_dir() / f"diffguard_{stem}.yml").read_text())["postprocessor"]
+        args = {k: v for k, v in pp["postprocessor_args"].items() if k != "guidance"}
+        built = U.get_postprocessor(Config({"postprocessor": {**pp, "name": name, "postprocessor_args": args},
+                                            "dataset": {"name": "cifar10"}}))
+        assert type(built) is registry.load(registry.POSTPROCESSORS[name])
+        assert type(built.detector) is registry.detector_class(name)
+        assert built.detector.params == detector_from_section(pp, {"name": "cifar10"})[0].params
+        by_name = E.get_postprocessor("/nonexistent/config_root", name, "imagenet")
+        assert type(by_name.detector) is registry.detector_class(name)

@@ -63,7 +63,8 @@ def test_detector_name_and_yml_reader(tmp_path):
 
 
 def test_info_reports_the_cache_root_of_the_cache_module(monkeypatch, tmp_path):
-    from openood_diffguard import cache, info
+    from openood_diffguard.cli import info
+    from openood_diffguard.runtime import cache
 
     monkeypatch.setenv("OPENOOD_DIFFGUARD_CACHE", str(tmp_path / "env"))
     assert info.collect()["cache dir"] == str(cache.default_cache_root()) == str(tmp_path / "env")
